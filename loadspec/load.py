@@ -1,0 +1,136 @@
+"""Read a built artifact into `(model, tokenizer)` without re-quantizing.
+
+The model skeleton is built on the meta device (no random init, no double allocation),
+Linear layers the plan quantized become bitsandbytes `Linear4bit`, and each stored tensor
+is assigned in place: 4-bit weights become `Params4bit` with their `QuantState` rebuilt
+from the stored statistics. Only reads; a damaged artifact is refused, never repaired.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import arch
+from .errors import LoadspecError
+from .plan import LoadPlan, block_of
+
+
+def check_files(folder: Path, manifest: dict) -> None:
+    """Cheap integrity check for every load: each listed file exists with its recorded size."""
+    for name, entry in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise LoadspecError(f"artifact {folder.name} is damaged: {name} is missing. "
+                                "Rebuild it with 'loadspec build SPEC --force' or fetch it again with 'loadspec pull'.")
+        if path.stat().st_size != entry["size"]:
+            raise LoadspecError(f"artifact {folder.name} is damaged: {name} has {path.stat().st_size} bytes, the manifest says "
+                                f"{entry['size']}. Rebuild it with 'loadspec build SPEC --force' or fetch it again with 'loadspec pull'.")
+
+
+def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = None):
+    """`(model, tokenizer)` from an artifact folder, placed by `device_map` (default: the plan's)."""
+    from transformers import AutoTokenizer
+
+    device_map = device_map or plan.device_map
+    model = _skeleton(folder, plan)
+    _fill(model, folder, plan, device_map)
+    _place_buffers(model, device_map)
+    if len(set(device_map.values())) > 1:
+        from accelerate import dispatch_model
+
+        dispatch_model(model, device_map=device_map)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
+
+
+def _skeleton(folder: Path, plan: LoadPlan) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    config_dict = json.loads((folder / "config.json").read_text())
+    quant_config = config_dict.pop("quantization_config", None)
+    config = arch.hf_config(config_dict)
+    dtype = getattr(torch, plan.dtype)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if plan.quantized:
+        import bitsandbytes as bnb
+        from transformers import BitsAndBytesConfig
+
+        for name in plan.quantized:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            old = getattr(parent, child)
+            setattr(parent, child, bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
+                                                     compute_dtype=dtype, compress_statistics=plan.quant["double_quant"],
+                                                     quant_type=plan.quant["method"], quant_storage=torch.uint8, device="meta"))
+        model.config.quantization_config = BitsAndBytesConfig.from_dict(quant_config)
+        model.is_loaded_in_4bit = True
+        model.quantization_method = "bitsandbytes"
+    if (folder / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model
+
+
+def _device_for(name: str, device_map: dict) -> torch.device:
+    if "" in device_map:
+        return torch.device(device_map[""])
+    block = block_of(name)
+    while block not in device_map and "." in block:
+        block = block.rpartition(".")[0]
+    return torch.device(device_map.get(block, next(iter(device_map.values()))))
+
+
+def _fill(model: nn.Module, folder: Path, plan: LoadPlan, device_map: dict) -> None:
+    from safetensors import safe_open
+
+    quantized = set(plan.quantized)
+    expected = {name for name, p in model.named_parameters() if p.is_meta}
+    stats: dict[str, dict[str, torch.Tensor]] = {}
+    stored: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as handle:
+            for key in handle.keys():
+                owner = _quantized_owner(key, quantized)
+                if owner and key != owner:
+                    stats.setdefault(owner, {})[key[len(owner) + 1:]] = handle.get_tensor(key)
+                else:
+                    stored[key] = handle.get_tensor(key)
+    for name in sorted(expected):
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        device = _device_for(name, device_map)
+        if name not in stored:
+            continue  # tied to another parameter; re-tied below
+        if module_name in quantized and attr == "weight":
+            import bitsandbytes as bnb
+
+            module.weight = bnb.nn.Params4bit.from_prequantized(data=stored[name], quantized_stats=stats.get(name, {}),
+                                                                requires_grad=False, device=device, module=module)
+        else:
+            tensor = stored[name].to(device)
+            module._parameters[attr] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+    model.tie_weights()
+    still_empty = [name for name, p in model.named_parameters() if p.is_meta]
+    if still_empty:
+        raise LoadspecError(f"artifact {folder.name} lacks {len(still_empty)} tensor(s), e.g. {still_empty[:3]}. "
+                            "Rebuild it with 'loadspec build SPEC --force'.")
+
+
+def _quantized_owner(key: str, quantized: set[str]) -> str | None:
+    """The 4-bit weight a stored key belongs to ('x.weight' for 'x.weight.absmax'), if any."""
+    head, sep, _ = key.partition(".weight")
+    if sep and head in quantized:
+        return head + ".weight"
+    return None
+
+
+def _place_buffers(model: nn.Module, device_map: dict) -> None:
+    for module_name, module in model.named_modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(_device_for(f"{module_name}.{name}", device_map))

