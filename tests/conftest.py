@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny fixed-seed checkpoints for every family, specs written on the fly."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # makes tools/ importable
+
+from tools.fixtures import make_checkpoint  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(family) -> folder of a tiny random-weight checkpoint, built once per session."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    built = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = make_checkpoint(family, root / family)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture
+def write_spec(tmp_path):
+    """write_spec(source, name=..., **sections) -> path of a spec file targeting the CPU."""
+
+    def write(source, name="tiny", load=None, target="cpu", tokenizer=None) -> Path:
+        lines = [f'name = "{name}"', "[model]", f'source = "{source}"', "[target]", f'gpu = "{target}"']
+        for section, values in (("load", load), ("tokenizer", tokenizer)):
+            if values:
+                lines.append(f"[{section}]")
+                lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+        path = tmp_path / f"{name}.toml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    return write
+
+
+def _toml(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return str(value)

@@ -1,0 +1,63 @@
+"""The streaming safetensors writer produces ordinary files that safetensors and transformers read."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from loadspec.shards import ShardWriter
+
+
+def tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a.weight": torch.randn(64, 32, generator=g).to(torch.bfloat16),
+        "b.absmax": torch.randint(0, 255, (100,), generator=g, dtype=torch.uint8),
+        "c.scale": torch.randn(7, generator=g),
+        "d.empty": torch.zeros(0, dtype=torch.float16),
+        "e.weight": torch.randn(128, 64, generator=g).half(),
+    }
+
+
+def test_single_shard_round_trips(tmp_path):
+    data = tensors()
+    writer = ShardWriter(tmp_path, list(data))
+    for name, t in data.items():
+        writer.add(name, t)
+    assert writer.close() == ["model.safetensors"]
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert set(loaded) == set(data)
+    assert all(torch.equal(loaded[n], data[n]) and loaded[n].dtype == data[n].dtype for n in data)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+
+
+def test_rolls_over_into_indexed_shards(tmp_path):
+    data = tensors()
+    writer = ShardWriter(tmp_path, list(data), max_shard_bytes=10_000)
+    for name, t in data.items():
+        writer.add(name, t)
+    files = writer.close()
+    assert files[-1] == "model.safetensors.index.json" and len(files) >= 3
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(data)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in data.values())
+    for name, file in index["weight_map"].items():
+        assert torch.equal(load_file(tmp_path / file)[name], data[name])
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_abort_leaves_nothing(tmp_path):
+    writer = ShardWriter(tmp_path, ["x"])
+    writer.add("x", torch.ones(10))
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_header_overflow_is_detected(tmp_path):
+    writer = ShardWriter(tmp_path, ["x"])
+    for i in range(40):  # many more names than the reserve was sized for
+        writer.add(f"unexpected.{i}.with.a.rather.long.name", torch.ones(1))
+    with pytest.raises(RuntimeError, match="exceeds"):
+        writer.close()
