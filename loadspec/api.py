@@ -45,7 +45,7 @@ def plan_spec(spec_path: str | Path, *, target: str | None = None) -> Planned:
 def build(spec_path: str | Path, *, cache_dir: str | Path | None = None, target: str | None = None,
           force: bool = False, progress: bool = True) -> Built:
     """Plan a spec and build its artifact once; later calls are cache hits that read no weights."""
-    from .build import write_artifact
+    from .builder import write_artifact
 
     started = time.perf_counter()
     planned = plan_spec(spec_path, target=target)
@@ -74,7 +74,7 @@ def load(name_or_spec: str | Path, *, cache_dir: str | Path | None = None, devic
     `device` ("cpu", "cuda:0", …) overrides the plan's device map, e.g. to inspect a GPU
     artifact on a CPU machine.
     """
-    from .load import check_files, load_artifact
+    from .loader import check_files, load_artifact
 
     store = Store(cache_dir)
     if str(name_or_spec).endswith(".toml") or Path(name_or_spec).is_file():

@@ -171,7 +171,7 @@ class Store:
 
     def verify(self, fingerprint: str) -> list[str]:
         """Re-hash every file against the manifest; returns the problems found (empty if sound)."""
-        from .build import sha256_file
+        from .builder import sha256_file
 
         folder = self.artifact_path(fingerprint)
         problems = []
