@@ -32,18 +32,22 @@ def check_files(folder: Path, manifest: dict) -> None:
 
 def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = None):
     """`(model, tokenizer)` from an artifact folder, placed by `device_map` (default: the plan's)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from transformers import AutoTokenizer
 
     device_map = device_map or plan.device_map
-    model = _skeleton(folder, plan)
-    _fill(model, folder, plan, device_map)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        tokenizer = pool.submit(AutoTokenizer.from_pretrained, folder)  # parsed while the weights are read
+        model = _skeleton(folder, plan)
+        _fill(model, folder, plan, device_map)
+        tokenizer = tokenizer.result()
     _place_buffers(model, device_map)
     if len(set(device_map.values())) > 1:
         from accelerate import dispatch_model
 
         dispatch_model(model, device_map=device_map)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer
 
 
@@ -86,39 +90,58 @@ def _device_for(name: str, device_map: dict) -> torch.device:
 
 
 def _fill(model: nn.Module, folder: Path, plan: LoadPlan, device_map: dict) -> None:
-    from safetensors import safe_open
+    from .reader import read_tensors
 
     quantized = set(plan.quantized)
-    expected = {name for name, p in model.named_parameters() if p.is_meta}
-    stats: dict[str, dict[str, torch.Tensor]] = {}
-    stored: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as handle:
-            for key in handle.keys():
-                owner = _quantized_owner(key, quantized)
-                if owner and key != owner:
-                    stats.setdefault(owner, {})[key[len(owner) + 1:]] = handle.get_tensor(key)
-                else:
-                    stored[key] = handle.get_tensor(key)
-    for name in sorted(expected):
+
+    def place(key: str) -> torch.device:
+        if ".quant_state." in key:
+            return torch.device("cpu")  # a few hundred bytes of JSON, parsed on the host
+        return _device_for(_quantized_owner(key, quantized) or key, device_map)
+
+    stored = read_tensors(sorted(folder.glob("*.safetensors")), place)
+    for name, param in list(model.named_parameters()):
+        if not param.is_meta or name not in stored:
+            continue  # tied to another parameter: re-tied below
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        device = _device_for(name, device_map)
-        if name not in stored:
-            continue  # tied to another parameter; re-tied below
         if module_name in quantized and attr == "weight":
-            import bitsandbytes as bnb
-
-            module.weight = bnb.nn.Params4bit.from_prequantized(data=stored[name], quantized_stats=stats.get(name, {}),
-                                                                requires_grad=False, device=device, module=module)
+            module.weight = _params4bit(name, stored, module, plan.quant["method"])
         else:
-            tensor = stored[name].to(device)
+            tensor = stored[name]
             module._parameters[attr] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
     model.tie_weights()
     still_empty = [name for name, p in model.named_parameters() if p.is_meta]
     if still_empty:
         raise LoadspecError(f"artifact {folder.name} lacks {len(still_empty)} tensor(s), e.g. {still_empty[:3]}. "
                             "Rebuild it with 'loadspec build SPEC --force'.")
+
+
+def _params4bit(name: str, stored: dict, module: nn.Module, method: str):
+    """A bitsandbytes Params4bit with its QuantState, built from the stored tensors (no re-quantization)."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import QuantState
+
+    packed = stored[name]
+    try:
+        meta = json.loads(bytes(stored[f"{name}.quant_state.bitsandbytes__{method}"].numpy()))
+        nested, offset = None, None
+        if f"{name}.nested_absmax" in stored:
+            nested = QuantState(absmax=stored[f"{name}.nested_absmax"], code=stored[f"{name}.nested_quant_map"],
+                                blocksize=meta["nested_blocksize"], dtype=getattr(torch, meta["nested_dtype"]))
+            offset = torch.tensor(float(meta["nested_offset"]), device=packed.device)
+        state = QuantState(absmax=stored[f"{name}.absmax"], shape=torch.Size(meta["shape"]), code=stored[f"{name}.quant_map"],
+                           blocksize=meta["blocksize"], quant_type=meta["quant_type"], dtype=getattr(torch, meta["dtype"]),
+                           offset=offset, state2=nested)
+    except (KeyError, ValueError) as exc:
+        raise LoadspecError(f"4-bit weight {name}: its quantization state is incomplete or unreadable ({exc!r}). "
+                            "Rebuild the artifact with 'loadspec build SPEC --force'.") from None
+    if state.shape.numel() > 2 * packed.numel():
+        raise LoadspecError(f"4-bit weight {name}: {packed.numel()} packed bytes cannot hold shape {tuple(state.shape)}.")
+    module.quant_state = state
+    return bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=state.blocksize,
+                             compress_statistics=nested is not None, quant_type=state.quant_type,
+                             quant_storage=packed.dtype, module=module, bnb_quantized=True)
 
 
 def _quantized_owner(key: str, quantized: set[str]) -> str | None:

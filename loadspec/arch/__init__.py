@@ -84,5 +84,5 @@ def skeleton(config: dict) -> Skeleton:
         else:
             seen[id(param)] = name
             names.append(name)
-    linears = tuple(name for name, module in model.named_modules() if type(module) is nn.Linear)
+    linears = tuple(name for name, module in model.named_modules() if isinstance(module, nn.Linear))
     return Skeleton(tuple(names), linears, tuple(tied))

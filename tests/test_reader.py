@@ -1,0 +1,65 @@
+"""The threaded reader returns exactly the stored tensors, on the devices asked for, and refuses damaged files."""
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from loadspec.errors import LoadspecError
+from loadspec.reader import read_tensors
+
+
+def sample():
+    g = torch.Generator().manual_seed(1)
+    return {
+        "w.bf16": torch.randn(300, 70, generator=g).to(torch.bfloat16),
+        "w.f32": torch.randn(33, 17, generator=g),
+        "w.u8": torch.randint(0, 256, (1001,), generator=g, dtype=torch.uint8),
+        "w.f16": torch.randn(5, 3, 2, generator=g).half(),
+        "w.i64": torch.arange(9),
+        "w.empty": torch.zeros(0, 4),
+    }
+
+
+@pytest.mark.parametrize("chunk_bytes", [64, 1000, 1 << 20])
+def test_reads_every_dtype_across_chunk_boundaries(tmp_path, chunk_bytes):
+    data = sample()
+    save_file(dict(list(data.items())[:3]), tmp_path / "a.safetensors")
+    save_file(dict(list(data.items())[3:]), tmp_path / "b.safetensors")
+    got = read_tensors([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], lambda key: "cpu", chunk_bytes=chunk_bytes, threads=3)
+    assert set(got) == set(data)
+    for key, tensor in data.items():
+        assert got[key].dtype == tensor.dtype and got[key].shape == tensor.shape
+        assert torch.equal(got[key], tensor), key
+
+
+def test_header_offsets_outside_file_refused(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    save_file({"x": torch.ones(10)}, path)
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    header["x"]["data_offsets"] = [0, 4000]
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length:])
+    with pytest.raises(LoadspecError, match="outside"):
+        read_tensors([path], lambda key: "cpu")
+
+
+def test_truncated_file_refused(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_file({"x": torch.ones(1000)}, path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(LoadspecError, match="outside|truncated"):
+        read_tensors([path], lambda key: "cpu")
+
+
+@pytest.mark.gpu
+def test_reads_to_gpu_and_host_in_one_pass(tmp_path):
+    data = sample()
+    save_file(data, tmp_path / "m.safetensors")
+    got = read_tensors([tmp_path / "m.safetensors"], lambda key: "cpu" if key == "w.u8" else "cuda:0", chunk_bytes=4096)
+    assert got["w.u8"].device.type == "cpu" and got["w.bf16"].device.type == "cuda"
+    for key, tensor in data.items():
+        assert torch.equal(got[key].cpu(), tensor), key
