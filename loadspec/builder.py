@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,29 +99,94 @@ def _write_weights(plan: LoadPlan, source: Source, skeleton: arch.Skeleton, fold
         raise UsageError(f"the source lacks {len(missing)} tensor(s) the model needs, e.g. {sorted(missing)[:3]}; "
                          "is the checkpoint complete and of the family its config.json says?")
     quantized = set(plan.quantized)
-    if quantized:
-        from . import quant
     dtype = getattr(torch, plan.dtype)
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")  # where 4-bit quantization runs
     writer = ShardWriter(folder, [n for p in skeleton.parameters for n in stored_names(plan, p)])
     total = sum(_numel(source.tensors[n].shape) for n in wanted)
     bar = tqdm(total=total, unit=" params", unit_scale=True, desc="build", disable=not progress)
     try:
-        for name, tensor in _stream(source, wanted):
-            tensor = tensor.to(dtype)
-            if name.endswith(".weight") and name[: -len(".weight")] in quantized:
-                packed = quant.quantize_4bit(tensor, quant_type=plan.quant["method"], blocksize=plan.quant["blocksize"],
-                                             double_quant=plan.quant["double_quant"], name=name)
-                for key, value in packed.state_dict(name).items():
-                    writer.add(key, value)
-            else:
-                writer.add(name, tensor)
-            bar.update(tensor.numel())
+        with _Background(writer.add) as write:  # writing overlaps quantizing; reading runs ahead in _prefetch
+            for name, tensor in _prefetch(_stream(source, wanted)):
+                if name.endswith(".weight") and name[: -len(".weight")] in quantized:
+                    for key, value in quantize(tensor.to(device, dtype), plan, name).items():
+                        write(key, value)
+                else:
+                    write(name, tensor.to(dtype))
+                bar.update(tensor.numel())
         writer.close()
     except BaseException:
         writer.abort()
         raise
     finally:
         bar.close()
+
+
+def quantize(weight: torch.Tensor, plan: LoadPlan, name: str) -> dict[str, torch.Tensor]:
+    """The stored tensors of one 4-bit weight: bitsandbytes' CUDA kernel on a GPU, loadspec.quant on the CPU."""
+    q = plan.quant
+    if weight.is_cuda:
+        from bitsandbytes.functional import quantize_4bit
+
+        if not torch.isfinite(weight).all():
+            raise UsageError(f"tensor {name} contains inf or NaN; the source checkpoint is damaged.")
+        packed, state = quantize_4bit(weight, blocksize=q["blocksize"], compress_statistics=q["double_quant"],
+                                      quant_type=q["method"], quant_storage=torch.uint8)
+        return {name: packed, **{f"{name}.{key}": value for key, value in state.as_dict(packed=True).items()}}
+    from . import quant
+
+    return quant.quantize_4bit(weight, quant_type=q["method"], blocksize=q["blocksize"], double_quant=q["double_quant"],
+                               name=name).state_dict(name)
+
+
+class _Background:
+    """Runs `consume(*item)` on a worker thread, a few items behind the caller; re-raises its errors."""
+
+    def __init__(self, consume, depth: int = 4):
+        self.consume, self.items, self.error = consume, queue.Queue(maxsize=depth), None
+        self.thread = threading.Thread(target=self._work, daemon=True)
+
+    def _work(self):
+        while (item := self.items.get()) is not None:
+            if self.error is None:
+                try:
+                    self.consume(*item)
+                except BaseException as exc:  # handed to the caller
+                    self.error = exc
+
+    def __call__(self, *item):
+        if self.error is not None:
+            raise self.error
+        self.items.put(item)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.items.put(None)
+        self.thread.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error
+
+
+def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """Iterate `items` on a reader thread, at most `depth` ahead (bounds host memory)."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce():
+        try:
+            for item in items:
+                buffer.put(item)
+            buffer.put(done)
+        except BaseException as exc:
+            buffer.put(exc)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (item := buffer.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def _stream(source: Source, wanted: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -150,9 +218,9 @@ def _numel(shape) -> int:
 
 def _manifest(plan: LoadPlan, folder: Path, progress: bool) -> dict:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "manifest.json")
-    entries = {}
-    for path in tqdm(files, desc="hash", disable=not progress, leave=False):
-        entries[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    with ThreadPoolExecutor(max_workers=8) as pool:  # hashlib releases the GIL: shards hash in parallel
+        digests = list(tqdm(pool.map(sha256_file, files), total=len(files), desc="hash", disable=not progress, leave=False))
+    entries = {path.name: {"size": path.stat().st_size, "sha256": digest} for path, digest in zip(files, digests)}
     return {"format_version": plan.format_version, "fingerprint": plan.fingerprint,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": plan.versions,
             "target": plan.target["name"], "files": entries}

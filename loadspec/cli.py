@@ -197,5 +197,14 @@ def gc(cache_dir, dry_run):
     _report(Store(cache_dir).gc(dry_run=dry_run), dry_run)
 
 
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args):
+    """Time loadspec against transformers on this GPU (--shape 1b|8b, --json OUT; see loadspec.bench)."""
+    from .bench import main as bench_main
+
+    sys.exit(bench_main(list(args)))
+
+
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16:
                      torch.int8: "I8", torch.int32: "I32", torch.int64: "I64", torch.float64: "F64", torch.bool: "BOOL",
                      torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 HEADER_SLACK_PER_TENSOR = 200  # dtype, shape and offsets of one entry, generously
-MAX_SHARD_BYTES = 2 * 1024**3
+MAX_SHARD_BYTES = 1024**3  # 1 GiB shards: parallel hashing and reads
 
 
 def header_reserve(names: list[str]) -> int:

@@ -1,0 +1,179 @@
+"""Load benchmark: loadspec against the plain transformers/bitsandbytes path, in one run.
+
+Makes a random-weight Llama-shaped checkpoint, builds it with loadspec, and times in fresh
+processes (so no in-process cache helps anyone): transformers loading the same weights
+pre-quantized, transformers quantize-on-load from bf16, `loadspec.load`, and a raw
+safetensors read of the artifact's bytes. Reports the load call (imports and CUDA
+initialised first), fresh process to first forward, peak GPU memory, and ratios.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {
+    "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                 vocab_size=32000, tie_word_embeddings=False),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               vocab_size=128256, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               vocab_size=128256, tie_word_embeddings=False),
+}
+NF4 = ("BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True, "
+       "bnb_4bit_compute_dtype=torch.bfloat16)")
+FORWARD = "ids=torch.arange(1,33,device='cuda')[None]; m(ids); torch.cuda.synchronize()"
+CASES = {
+    "transformers_prequantized": ("from transformers import AutoModelForCausalLM", "m=AutoModelForCausalLM.from_pretrained(R+'/nf4', device_map='cuda')"),
+    "transformers_quantize_on_load": ("from transformers import AutoModelForCausalLM, BitsAndBytesConfig",
+                                      f"m=AutoModelForCausalLM.from_pretrained(R+'/bf16', quantization_config={NF4}, dtype=torch.bfloat16, device_map='cuda')"),
+    "loadspec": ("import loadspec", "m, tok = loadspec.load('bench', cache_dir=R+'/cache')"),
+    "safetensors_raw": ("import glob; from safetensors.torch import load_file",
+                        "m=None; [load_file(f, device='cuda') for f in sorted(glob.glob(R+'/cache/artifacts/*/*.safetensors'))]"),
+}
+
+
+def make_checkpoint(shape: str, root: Path) -> None:
+    """Random bf16 weights in a real Llama shape, plus a locally trained tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(max_position_embeddings=8192, rope_theta=500000.0, **SHAPES[shape])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(root / "bf16", max_shard_size="5GB")
+    _letter_tokenizer().save_pretrained(root / "bf16")
+    del model
+
+
+def _letter_tokenizer():
+    """A minimal tokenizer (one token per letter): the benchmark times weights, not text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(ord("a") + i): 3 + i for i in range(26)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def _python(code: str, env: dict | None = None, timeout: int = 600) -> dict:
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(lines[-1][7:]) if lines else {"error": (run.stdout[-400:] + run.stderr[-1500:]).strip()}
+
+
+def time_case(name: str, root: Path) -> dict:
+    """One case in a fresh process: load call time, fresh process to first forward, peak GPU memory."""
+    imports, load = CASES[name]
+    forward = "" if name == "safetensors_raw" else FORWARD + ";"
+    code = (f"import time; t0=time.perf_counter(); import torch; torch.zeros(1, device='cuda'); {imports}; R={str(root)!r}; "
+            f"t=time.perf_counter(); {load}; torch.cuda.synchronize(); load_s=time.perf_counter()-t; {forward}"
+            "import json; print('RESULT', json.dumps(dict(load_s=load_s, first_forward_s=time.perf_counter()-t0, "
+            "peak_gib=torch.cuda.max_memory_allocated()/2**30)))")
+    return _python(code)
+
+
+def build_artifact(root: Path) -> dict:
+    """Build with loadspec in a fresh process; returns build seconds and peak host RSS."""
+    spec = root / "bench.toml"
+    spec.write_text(f'name = "bench"\n[model]\nsource = "{root / "bf16"}"\n[load]\nquant = "nf4"\n')
+    code = ("import time, resource, json, loadspec; t=time.perf_counter(); "
+            f"b=loadspec.build({str(spec)!r}, cache_dir={str(root / 'cache')!r}, progress=False, force=True); "
+            "print('RESULT', json.dumps(dict(build_s=time.perf_counter()-t, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/2**20, "
+            "artifact=str(b.path))))")
+    return _python(code)
+
+
+def prequantize_with_transformers(root: Path) -> dict:
+    code = ("import time, json, torch; from transformers import AutoModelForCausalLM, BitsAndBytesConfig; t=time.perf_counter(); "
+            f"m=AutoModelForCausalLM.from_pretrained({str(root / 'bf16')!r}, quantization_config={NF4}, dtype=torch.bfloat16, device_map='cuda'); "
+            f"m.save_pretrained({str(root / 'nf4')!r}); print('RESULT', json.dumps(dict(seconds=time.perf_counter()-t)))")
+    return _python(code)
+
+
+def compare_logits(root: Path) -> dict:
+    """loadspec's model vs transformers loading the pre-quantized checkpoint: identical logits?"""
+    code = ("import json, torch, loadspec; from transformers import AutoModelForCausalLM; "
+            f"a,_=loadspec.load('bench', cache_dir={str(root / 'cache')!r}); ids=torch.arange(1,65,device='cuda')[None]; "
+            "la=a(ids).logits.float(); del a; torch.cuda.empty_cache(); "
+            f"b=AutoModelForCausalLM.from_pretrained({str(root / 'nf4')!r}, device_map='cuda'); lb=b(ids).logits.float(); "
+            "print('RESULT', json.dumps(dict(equal=bool(torch.equal(la, lb)), max_abs_diff=float((la-lb).abs().max()))))")
+    return _python(code)
+
+
+def cache_hit(root: Path) -> dict:
+    """Seconds for a cache hit: by name (lookup + open) and by spec (plan + lookup), in process after warm-up."""
+    code = ("import time, json, loadspec; from loadspec.store import Store; from loadspec.loader import check_files; "
+            f"R={str(root)!r}; "
+            "def by_name():\n s=Store(R+'/cache'); fp=s.resolve_name('bench'); check_files(s.artifact_path(fp), s.manifest(fp))\n"
+            "def by_spec():\n loadspec.build(R+'/bench.toml', cache_dir=R+'/cache', progress=False)\n"
+            "out={}\n"
+            "for f in (by_name, by_spec):\n f(); t=time.perf_counter(); f(); out[f.__name__+'_s']=time.perf_counter()-t\n"
+            "print('RESULT', json.dumps(out))")
+    return _python(code)
+
+
+def run(shape: str, root: Path, reps: int = 2) -> dict:
+    """The whole benchmark; returns every figure (also printed as a table by `report`)."""
+    import torch
+
+    root.mkdir(parents=True, exist_ok=True)
+    result: dict = {"shape": shape, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    started = time.perf_counter()
+    if not (root / "bf16" / "config.json").exists():
+        make_checkpoint(shape, root)
+    result["make_s"] = time.perf_counter() - started
+    result["transformers_quantize_and_save"] = prequantize_with_transformers(root)
+    result["loadspec_build"] = build_artifact(root)
+    result["cases"] = {name: [time_case(name, root) for _ in range(reps)] for name in CASES}
+    result["cache_hit"] = cache_hit(root)
+    result["logits"] = compare_logits(root)
+    for tag in ("bf16", "nf4"):
+        result[f"{tag}_gib"] = sum(f.stat().st_size for f in (root / tag).glob("*.safetensors")) / 2**30
+    return result
+
+
+def report(result: dict) -> str:
+    """A table of the best rep of each case, with ratios against transformers."""
+    def best(name, key):
+        values = [r[key] for r in result["cases"][name] if key in r]
+        return min(values) if values else float("nan")
+
+    lines = [f"shape {result['shape']} on {result['gpu']} (torch {result['torch']}); bf16 {result['bf16_gib']:.2f} GiB, nf4 {result['nf4_gib']:.2f} GiB",
+             f"{'case':32} {'load call s':>11} {'fresh→forward s':>16} {'peak GiB':>9} {'vs transformers':>16}"]
+    base = best("transformers_prequantized", "load_s")
+    for name in CASES:
+        load_s = best(name, "load_s")
+        lines.append(f"{name:32} {load_s:11.3f} {best(name, 'first_forward_s'):16.2f} {best(name, 'peak_gib'):9.2f} {base / load_s:15.1f}x")
+    build = result["loadspec_build"]
+    hf_q = best("transformers_quantize_on_load", "load_s")
+    lines.append(f"loadspec build (quantize + write): {build.get('build_s', float('nan')):.2f} s = "
+                 f"{build.get('build_s', float('nan')) / hf_q:.2f}x transformers quantize-on-load; peak host RSS {build.get('peak_rss_gib', float('nan')):.2f} GiB")
+    hit = result["cache_hit"]
+    lines.append(f"cache hit: by name {hit.get('by_name_s', float('nan')) * 1000:.1f} ms, by spec {hit.get('by_spec_s', float('nan')) * 1000:.1f} ms")
+    lines.append(f"logits equal to transformers pre-quantized: {result['logits']}")
+    errors = {name: r['error'] for name, rs in result["cases"].items() for r in rs if "error" in r}
+    lines += [f"ERROR {name}: {text}" for name, text in errors.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="1b", choices=sorted(SHAPES))
+    parser.add_argument("--root", default="/tmp/loadspec-bench", type=Path)
+    parser.add_argument("--reps", default=2, type=int)
+    parser.add_argument("--json", type=Path, help="also write every figure here")
+    args = parser.parse_args(argv)
+    result = run(args.shape, args.root / args.shape, args.reps)
+    print(report(result), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
