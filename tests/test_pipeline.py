@@ -94,3 +94,23 @@ def test_sharded_source_builds(tmp_path, write_spec):
     loadspec.build(spec, cache_dir=tmp_path / "cache", progress=False)
     model, tokenizer = loadspec.load("sharded", cache_dir=tmp_path / "cache")
     assert torch.equal(logits(model, tokenizer), logits(transformers_reference(folder, "nf4"), tokenizer))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "gemma2", "falcon"])
+def test_gpu_build_and_load_match_transformers(family, checkpoint, write_spec, tmp_path):
+    """On a GPU: bitsandbytes' CUDA quantizer at build time, the pinned-ring reader at load time."""
+    folder = checkpoint(family)
+    spec = write_spec(folder, name=f"gpu-{family}", target="auto")
+    built = loadspec.build(spec, cache_dir=tmp_path, progress=False)
+    assert built.plan.device_map == {"": "cuda:0"}
+    model, tokenizer = loadspec.load(f"gpu-{family}", cache_dir=tmp_path)
+    reference = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.bfloat16, device_map="cuda:0",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                               bnb_4bit_compute_dtype=torch.bfloat16)).eval()
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids.cuda()
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, reference(ids).logits
+    assert torch.equal(ours, theirs), f"max diff {(ours.float() - theirs.float()).abs().max()}"
+    print(f"{family}: GPU build+load logits equal to transformers nf4 on {torch.cuda.get_device_name()}")
