@@ -30,7 +30,8 @@ CASES = {
     "transformers_prequantized": ("from transformers import AutoModelForCausalLM", "m=AutoModelForCausalLM.from_pretrained(R+'/nf4', device_map='cuda')"),
     "transformers_quantize_on_load": ("from transformers import AutoModelForCausalLM, BitsAndBytesConfig",
                                       f"m=AutoModelForCausalLM.from_pretrained(R+'/bf16', quantization_config={NF4}, dtype=torch.bfloat16, device_map='cuda')"),
-    "loadspec": ("import loadspec", "m, tok = loadspec.load('bench', cache_dir=R+'/cache')"),
+    "loadspec": ("import loadspec, loadspec.loader, transformers, bitsandbytes; from transformers import AutoModelForCausalLM",
+                 "m, tok = loadspec.load('bench', cache_dir=R+'/cache')"),
     "safetensors_raw": ("import glob; from safetensors.torch import load_file",
                         "m=None; [load_file(f, device='cuda') for f in sorted(glob.glob(R+'/cache/artifacts/*/*.safetensors'))]"),
 }
@@ -109,13 +110,23 @@ def compare_logits(root: Path) -> dict:
 
 def cache_hit(root: Path) -> dict:
     """Seconds for a cache hit: by name (lookup + open) and by spec (plan + lookup), in process after warm-up."""
-    code = ("import time, json, loadspec; from loadspec.store import Store; from loadspec.loader import check_files; "
-            f"R={str(root)!r}; "
-            "def by_name():\n s=Store(R+'/cache'); fp=s.resolve_name('bench'); check_files(s.artifact_path(fp), s.manifest(fp))\n"
-            "def by_spec():\n loadspec.build(R+'/bench.toml', cache_dir=R+'/cache', progress=False)\n"
-            "out={}\n"
-            "for f in (by_name, by_spec):\n f(); t=time.perf_counter(); f(); out[f.__name__+'_s']=time.perf_counter()-t\n"
-            "print('RESULT', json.dumps(out))")
+    code = f"""
+import json, time, loadspec
+from loadspec.loader import check_files
+from loadspec.store import Store
+R = {str(root)!r}
+def by_name():
+    store = Store(R + "/cache")
+    fingerprint = store.resolve_name("bench")
+    check_files(store.artifact_path(fingerprint), store.manifest(fingerprint))
+def by_spec():
+    loadspec.build(R + "/bench.toml", cache_dir=R + "/cache", progress=False)
+out = {{}}
+for probe in (by_name, by_spec):
+    probe()
+    t = time.perf_counter(); probe(); out[probe.__name__ + "_s"] = time.perf_counter() - t
+print("RESULT", json.dumps(out))
+"""
     return _python(code)
 
 

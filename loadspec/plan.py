@@ -5,6 +5,7 @@ fields that decide the artifact's bytes, and is the cache key.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -15,8 +16,10 @@ from typing import Any
 import attrs
 
 from . import arch
+from .checkpointing import describe as describe_checkpointing
 from .errors import UsageError, did_you_mean
 from .hardware import GIB, Hardware
+from .lora import plan_lora
 from .source import Source
 from .spec import Spec
 
@@ -47,6 +50,8 @@ class LoadPlan:
     memory: dict  # device -> bytes of weights placed there
     tokenizer: dict  # pad_token, padding_side, chat_template
     patches: tuple = ()
+    lora: dict | None = None  # new adapter settings or an existing adapter; not in the fingerprint
+    train: dict = attrs.Factory(dict)  # gradient_checkpointing; not in the fingerprint
     versions: dict = attrs.Factory(dict)
     reasons: tuple[tuple[str, str], ...] = ()  # (decision, why), for people
 
@@ -99,6 +104,9 @@ def resolve(spec: Spec, hardware: Hardware, source: Source, skeleton: arch.Skele
     sizes = _parameter_bytes(skeleton, source, dtype, set(quantized) if quant["method"] != "none" else set())
     device_map, memory = _device_map(spec.load.device_map, hardware, skeleton.parameters, sizes, reasons)
     reasons.append(("patches", "none: this version ships no fused kernels yet"))
+    lora, lora_reasons = plan_lora(spec, family, skeleton, source, quantized if quant["method"] != "none" else ())
+    reasons += lora_reasons
+    reasons.append(("train", describe_checkpointing(spec.train.gradient_checkpointing, hardware.kind)))
     return LoadPlan(
         format_version=FORMAT_VERSION,
         name=spec.name,
@@ -114,7 +122,9 @@ def resolve(spec: Spec, hardware: Hardware, source: Source, skeleton: arch.Skele
         device_map=device_map,
         memory=memory,
         tokenizer=tokenizer,
-        versions=_versions(quant["method"] != "none"),
+        lora=lora,
+        train={"gradient_checkpointing": spec.train.gradient_checkpointing},
+        versions=dict(_versions(quant["method"] != "none")),
         reasons=tuple(reasons),
     )
 
@@ -273,6 +283,7 @@ def _device_map(strategy: str, hardware: Hardware, parameters: tuple[str, ...], 
     return device_map, memory
 
 
+@functools.lru_cache(maxsize=2)
 def _versions(quantized: bool) -> dict:
     names = ["loadspec", "torch", "transformers", "safetensors"] + (["bitsandbytes"] if quantized else [])
     found = {}

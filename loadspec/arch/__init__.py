@@ -6,6 +6,7 @@ config's `model_type`, or says which families are supported.
 from __future__ import annotations
 
 import importlib
+import json
 
 import attrs
 
@@ -69,7 +70,26 @@ def hf_config(config: dict):
 
 
 def skeleton(config: dict) -> Skeleton:
-    """Module and parameter names of the model this config describes."""
+    """Module and parameter names of the model this config describes (memoized per config)."""
+    key = json.dumps(config, sort_keys=True)
+    if key not in _skeletons:
+        _skeletons[key] = _build_skeleton(config)
+    return _skeletons[key]
+
+
+_skeletons: dict[str, Skeleton] = {}
+
+
+def skeleton_to_json(value: Skeleton) -> str:
+    return json.dumps(attrs.asdict(value))
+
+
+def skeleton_from_json(text: str) -> Skeleton:
+    data = json.loads(text)
+    return Skeleton(tuple(data["parameters"]), tuple(data["linears"]), tuple(tuple(t) for t in data["tied"]))
+
+
+def _build_skeleton(config: dict) -> Skeleton:
     import torch
     from torch import nn
     from transformers import AutoModelForCausalLM
