@@ -84,7 +84,8 @@ def build_artifact(root: Path) -> dict:
     """Build with loadspec in a fresh process; returns build seconds and peak host RSS."""
     spec = root / "bench.toml"
     spec.write_text(f'name = "bench"\n[model]\nsource = "{root / "bf16"}"\n[load]\nquant = "nf4"\n')
-    code = ("import time, resource, json, loadspec; t=time.perf_counter(); "
+    code = ("import time, resource, json, torch, transformers, bitsandbytes, loadspec, loadspec.builder; "
+            "torch.zeros(1, device='cuda'); from transformers import AutoModelForCausalLM, AutoTokenizer; t=time.perf_counter(); "
             f"b=loadspec.build({str(spec)!r}, cache_dir={str(root / 'cache')!r}, progress=False, force=True); "
             "print('RESULT', json.dumps(dict(build_s=time.perf_counter()-t, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/2**20, "
             "artifact=str(b.path))))")

@@ -94,7 +94,7 @@ def resolve(spec: Spec, hardware: Hardware, source: Source, skeleton: arch.Skele
     skeleton = skeleton or arch.skeleton(source.config)
     reasons: list[tuple[str, str]] = [
         ("source", f"{source.kind} {source.location}" + (f" @ {source.revision[:12]}" if source.revision else "")),
-        ("family", f"{family.name} (model_type {source.config.get('model_type')})"),
+        ("family", f"{family.name} (model_type {source.config.get('model_type')})" + (f"; note: {family.notes}" if family.notes else "")),
         ("target", hardware.describe()),
     ]
     dtype = _dtype(spec, hardware, family, reasons)

@@ -18,6 +18,31 @@ def transformers_reference(folder, quant, dtype=torch.bfloat16):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="cpu", **kwargs).eval()
 
 
+def bnb_reference(folder, quantized, device="cpu", dtype=torch.bfloat16):
+    """transformers' bf16 model with each planned Linear swapped for bitsandbytes 4-bit by hand.
+
+    Needed for Falcon: transformers' own integration converts only modules whose type *is*
+    nn.Linear, so it silently leaves FalconLinear layers unquantized.
+    """
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import quantize_4bit
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device).eval()
+    for name in quantized:
+        parent_name, _, child = name.rpartition(".")
+        old = model.get_submodule(name)
+        new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None, compute_dtype=dtype,
+                                compress_statistics=True, quant_type="nf4", device=device)
+        packed, state = quantize_4bit(old.weight.data, blocksize=64, compress_statistics=True, quant_type="nf4")
+        new.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=64, compress_statistics=True,
+                                       quant_type="nf4", module=new, bnb_quantized=True)
+        new.quant_state = state
+        if old.bias is not None:
+            new.bias = old.bias
+        setattr(model.get_submodule(parent_name), child, new)
+    return model
+
+
 def logits(model, tokenizer):
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -33,7 +58,10 @@ def test_build_load_matches_transformers(family, quant, checkpoint, write_spec, 
     assert not built.cached
     model, tokenizer = loadspec.load(f"{family}-{quant}", cache_dir=tmp_path / "cache")
     ours = logits(model, tokenizer)
-    reference = transformers_reference(folder, quant)
+    if family == "falcon" and quant == "nf4":
+        reference = bnb_reference(folder, built.plan.quantized)
+    else:
+        reference = transformers_reference(folder, quant)
     theirs = logits(reference, AutoTokenizer.from_pretrained(folder))
     assert ours.dtype == theirs.dtype == torch.bfloat16
     assert torch.equal(ours, theirs), f"max diff {(ours.float() - theirs.float()).abs().max()}"
@@ -105,10 +133,13 @@ def test_gpu_build_and_load_match_transformers(family, checkpoint, write_spec, t
     built = loadspec.build(spec, cache_dir=tmp_path, progress=False)
     assert built.plan.device_map == {"": "cuda:0"}
     model, tokenizer = loadspec.load(f"gpu-{family}", cache_dir=tmp_path)
-    reference = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.bfloat16, device_map="cuda:0",
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                               bnb_4bit_compute_dtype=torch.bfloat16)).eval()
+    if family == "falcon":
+        reference = bnb_reference(folder, built.plan.quantized, device="cuda:0")
+    else:
+        reference = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.bfloat16, device_map="cuda:0",
+            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                                   bnb_4bit_compute_dtype=torch.bfloat16)).eval()
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids.cuda()
     with torch.no_grad():
         ours, theirs = model(ids).logits, reference(ids).logits
