@@ -1,6 +1,9 @@
 """The public entry points, composing spec -> plan -> build -> store -> load."""
 from __future__ import annotations
 
+import os
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -11,6 +14,9 @@ from .errors import LoadspecError, UsageError
 from .plan import LoadPlan, resolve
 from .spec import Spec, load_spec
 from .store import Store
+
+
+TRAINING_KEY = "training:"  # store index: name -> {"lora", "train"} of the spec it was last built from
 
 
 @attrs.frozen
@@ -28,8 +34,12 @@ class Built:
     seconds: float
 
 
-def plan_spec(spec_path: str | Path, *, target: str | None = None) -> Planned:
-    """Validate a spec and plan it for `target` (default: the spec's [target])."""
+def plan_spec(spec_path: str | Path, *, target: str | None = None, store: Store | None = None) -> Planned:
+    """Validate a spec and plan it for `target` (default: the spec's [target]).
+
+    With a `store`, the model's skeleton (derived from its config alone) is remembered there,
+    so planning an already-built spec in a fresh process stays cheap.
+    """
     spec = load_spec(spec_path)
     try:
         machine = hardware.profile(target if target is not None else spec.target.gpu)
@@ -39,7 +49,19 @@ def plan_spec(spec_path: str | Path, *, target: str | None = None) -> Planned:
     if "quantization_config" in src.config:
         raise UsageError(f"{src.location} is already quantized ({src.config['quantization_config'].get('quant_method')}); "
                          "this loadspec version needs a 16/32-bit source. Point source at the unquantized model.")
-    return Planned(spec, src, resolve(spec, machine, src, arch.skeleton(src.config)))
+    return Planned(spec, src, resolve(spec, machine, src, _skeleton(src.config, store)))
+
+
+def _skeleton(config: dict, store: Store | None) -> arch.Skeleton:
+    if store is None:
+        return arch.skeleton(config)
+    key = "skeleton:" + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    cached = store.index.get(key)
+    if cached is not None:
+        return arch.skeleton_from_json(cached)
+    value = arch.skeleton(config)
+    store.index[key] = arch.skeleton_to_json(value)
+    return value
 
 
 def build(spec_path: str | Path, *, cache_dir: str | Path | None = None, target: str | None = None,
@@ -48,15 +70,16 @@ def build(spec_path: str | Path, *, cache_dir: str | Path | None = None, target:
     from .builder import write_artifact
 
     started = time.perf_counter()
-    planned = plan_spec(spec_path, target=target)
-    plan = planned.plan
     store = Store(cache_dir)
+    planned = plan_spec(spec_path, target=target, store=store)
+    plan = planned.plan
     fingerprint = plan.fingerprint
     cached = store.has(fingerprint) and not force
     if not cached:
         with store.build_lock(fingerprint):
             if force or not store.has(fingerprint):
                 with store.staging(fingerprint) as staged:
+                    _log_build(fingerprint, staged)
                     write_artifact(plan, planned.source, staged, progress=progress)
                     if force and store.has(fingerprint):
                         store.delete_artifact(fingerprint)
@@ -64,23 +87,42 @@ def build(spec_path: str | Path, *, cache_dir: str | Path | None = None, target:
             else:
                 cached = True
     store.set_ref(plan.name, fingerprint, spec=str(Path(spec_path).resolve()), target=plan.target["name"])
+    store.index[f"{TRAINING_KEY}{plan.name}"] = {"fingerprint": fingerprint, "lora": plan.lora, "train": plan.train}
     return Built(plan, store.artifact_path(fingerprint), cached, time.perf_counter() - started)
 
 
+def _log_build(fingerprint: str, staged: Path) -> None:
+    """With $LOADSPEC_BUILD_LOG=path, append one line per build actually started (tests count them)."""
+    log = os.environ.get("LOADSPEC_BUILD_LOG")
+    if log:
+        with open(log, "a") as handle:
+            handle.write(f"{fingerprint} pid={os.getpid()} staging={staged.name}\n")
+
+
 def load(name_or_spec: str | Path, *, cache_dir: str | Path | None = None, device: str | None = None,
-         target: str | None = None, progress: bool = False):
+         target: str | None = None, progress: bool = False, remote: str | None = None):
     """`(model, tokenizer)` for an artifact name, or for a spec file (built first if missing).
 
     `device` ("cpu", "cuda:0", …) overrides the plan's device map, e.g. to inspect a GPU
-    artifact on a CPU machine.
+    artifact on a CPU machine. A name missing from the cache is pulled from `remote`
+    (else $LOADSPEC_REMOTE) when one is configured.
     """
     from .loader import check_files, load_artifact
 
     store = Store(cache_dir)
+    training = None  # the adapter and checkpointing this load asks for ({"lora", "train"})
     if str(name_or_spec).endswith(".toml") or Path(name_or_spec).is_file():
-        fingerprint = build(name_or_spec, cache_dir=cache_dir, target=target, progress=progress).plan.fingerprint
+        planned = build(name_or_spec, cache_dir=cache_dir, target=target, progress=progress).plan
+        fingerprint, training = planned.fingerprint, {"lora": planned.lora, "train": planned.train}
     else:
-        fingerprint = store.resolve_name(str(name_or_spec))
+        name = str(name_or_spec)
+        ref = store.ref(name)
+        if (ref is None or not store.has(ref["fingerprint"])) and (remote or os.environ.get("LOADSPEC_REMOTE")):
+            from .remote import pull as pull_artifact
+
+            fingerprint = pull_artifact(name, remote=remote, cache_dir=cache_dir, progress=progress).fingerprint
+        else:
+            fingerprint = store.resolve_name(name)
     folder = store.artifact_path(fingerprint)
     manifest = store.manifest(fingerprint)
     check_files(folder, manifest)
@@ -88,7 +130,68 @@ def load(name_or_spec: str | Path, *, cache_dir: str | Path | None = None, devic
     device_map = {"": device} if device else plan.device_map
     _check_devices(device_map)
     store.touch(fingerprint)
-    return load_artifact(folder, plan, device_map=device_map)
+    if training is None:
+        training = _training_for(store, str(name_or_spec), plan)
+    model, tokenizer = load_artifact(folder, plan, device_map=device_map)
+    return _ready_to_train(model, training), tokenizer
+
+
+def _training_for(store: Store, name: str, plan: LoadPlan) -> dict:
+    """The adapter and checkpointing settings `name` was built with: artifacts are shared by names (LoRA is not
+    in the fingerprint), so they are recorded per name; a pulled artifact's own plan serves its own name."""
+    training = store.index.get(f"{TRAINING_KEY}{name}")
+    if not training or training.get("fingerprint") != plan.fingerprint:
+        training = {"lora": plan.lora, "train": plan.train} if plan.name == name else {}
+    lora = training.get("lora") or {}
+    if lora.get("kind") == "adapter":
+        path = Path(lora["path"])
+        if not (path / "adapter_config.json").is_file():
+            raise UsageError(f"{name!r} attaches the LoRA adapter {path}, which is gone. Restore it, or build the spec again.")
+        if sources.read_adapter(path).identity != lora["identity"]:
+            raise UsageError(f"the LoRA adapter {path} changed since {name!r} was built; run 'loadspec build' on its spec "
+                             "again so the new adapter is checked against the base.")
+    return training
+
+
+def _ready_to_train(model, training: dict):
+    """Attach the planned LoRA adapter, then set gradient checkpointing."""
+    from . import checkpointing, lora
+
+    model = lora.attach(model, training.get("lora"))
+    checkpointing.enable(model, (training.get("train") or {}).get("gradient_checkpointing", False))
+    return model
+
+
+def prewarm(specs, *, remote: str | None = None, target: str | None = None, cache_dir: str | Path | None = None,
+            workers: int = 8, progress: bool = True) -> list:
+    """Build each spec for `target` here (no GPU needed for 4-bit), then push it to `remote` (else $LOADSPEC_REMOTE).
+
+    Returns [(Built, Transfer), ...]. Nodes then call `load("name")` with the remote set.
+    """
+    from .remote import open_remote, push as push_artifact
+
+    url = open_remote(remote).url  # a bad or missing remote fails before any build
+    done = []
+    for spec_path in [specs] if isinstance(specs, (str, Path)) else specs:
+        built = build(spec_path, cache_dir=cache_dir, target=target, progress=progress)
+        done.append((built, push_artifact(built.plan.name, remote=url, cache_dir=cache_dir, workers=workers, progress=progress)))
+    return done
+
+
+def push(name: str, *, remote: str | None = None, cache_dir: str | Path | None = None, workers: int = 8,
+         progress: bool = True):
+    """Upload NAME's artifact to `remote` (else $LOADSPEC_REMOTE); see `loadspec.remote.push`."""
+    from .remote import push as push_artifact
+
+    return push_artifact(name, remote=remote, cache_dir=cache_dir, workers=workers, progress=progress)
+
+
+def pull(name: str, *, remote: str | None = None, cache_dir: str | Path | None = None, workers: int = 8,
+         progress: bool = True):
+    """Fetch NAME's artifact from `remote` (else $LOADSPEC_REMOTE), verified and resumable; see `loadspec.remote.pull`."""
+    from .remote import pull as pull_artifact
+
+    return pull_artifact(name, remote=remote, cache_dir=cache_dir, workers=workers, progress=progress)
 
 
 def _check_devices(device_map: dict) -> None:

@@ -189,12 +189,24 @@ def rm(name, cache_dir, dry_run):
 @main.command()
 @click.option("--cache-dir", type=click.Path(file_okay=False), help=CACHE_HELP)
 @click.option("--dry-run", is_flag=True, help="only say what would be removed")
+@click.option("--older-than", type=click.FloatRange(min=0), metavar="DAYS", help="also evict artifacts not used for DAYS days")
+@click.option("--max-size", metavar="SIZE", help="then evict least recently used artifacts until they fit in SIZE (e.g. 50GiB)")
 @friendly
-def gc(cache_dir, dry_run):
-    """Remove leftovers of interrupted builds and artifacts no name points to."""
+def gc(cache_dir, dry_run, older_than, max_size):
+    """Remove leftovers of interrupted builds and artifacts no name points to; evict by age or size budget."""
+    import re
+
+    from .errors import UsageError
     from .store import Store
 
-    _report(Store(cache_dir).gc(dry_run=dry_run), dry_run)
+    budget = None
+    if max_size is not None:
+        units = {"": 1, "b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20, "gb": 10**9, "gib": 2**30, "tb": 10**12, "tib": 2**40}
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", max_size)
+        if not match or match[2].lower() not in units:
+            raise UsageError(f"--max-size must look like 50GiB, 500MB or a number of bytes, got {max_size!r}")
+        budget = int(float(match[1]) * units[match[2].lower()])
+    _report(Store(cache_dir).gc(dry_run=dry_run, older_than=older_than, max_size=budget), dry_run)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -204,6 +216,62 @@ def bench(args):
     from .bench import main as bench_main
 
     sys.exit(bench_main(list(args)))
+
+
+REMOTE_HELP = "shared storage: a folder, file:///path, s3://bucket/prefix or hf://org/repo (default: $LOADSPEC_REMOTE)"
+
+
+def _transfer_line(verb, t):
+    if t.cached:
+        return f"{t.name}: {t.url} already has artifact {t.fingerprint}; nothing {verb}"
+    kept = f", {t.kept} already there" if t.kept else ""
+    return f"{verb} {t.name} ({t.fingerprint}): {t.copied} file(s), {t.bytes / 2**20:.1f} MiB{kept}, {t.seconds:.1f} s"
+
+
+@main.command()
+@click.argument("name")
+@click.option("--remote", help=REMOTE_HELP)
+@click.option("--cache-dir", type=click.Path(file_okay=False), help=CACHE_HELP)
+@click.option("--workers", default=8, show_default=True, type=click.IntRange(min=1), help="parallel transfers")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bar")
+@friendly
+def push(name, remote, cache_dir, workers, quiet):
+    """Upload NAME's artifact to a remote (files, then manifest, then the name)."""
+    from .api import push as push_artifact
+
+    click.echo(_transfer_line("pushed", push_artifact(name, remote=remote, cache_dir=cache_dir, workers=workers, progress=not quiet)))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--remote", help=REMOTE_HELP)
+@click.option("--cache-dir", type=click.Path(file_okay=False), help=CACHE_HELP)
+@click.option("--workers", default=8, show_default=True, type=click.IntRange(min=1), help="parallel transfers")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bar")
+@friendly
+def pull(name, remote, cache_dir, workers, quiet):
+    """Fetch NAME's artifact from a remote, checking every file's sha256; an interrupted pull resumes."""
+    from .api import pull as pull_artifact
+
+    result = pull_artifact(name, remote=remote, cache_dir=cache_dir, workers=workers, progress=not quiet)
+    click.echo(f"{name}: already in the cache ({result.fingerprint})" if result.cached else _transfer_line("pulled", result))
+
+
+@main.command()
+@click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--target", help=TARGET_HELP)
+@click.option("--remote", help=REMOTE_HELP)
+@click.option("--cache-dir", type=click.Path(file_okay=False), help=CACHE_HELP)
+@click.option("--workers", default=8, show_default=True, type=click.IntRange(min=1), help="parallel transfers")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bars")
+@friendly
+def prewarm(specs, target, remote, cache_dir, workers, quiet):
+    """Build each SPEC for --target here, then push it, so offline nodes can 'loadspec.load(NAME)'."""
+    from .api import prewarm as prewarm_specs
+
+    for built, sent in prewarm_specs(specs, remote=remote, target=target, cache_dir=cache_dir, workers=workers, progress=not quiet):
+        click.echo(f"{'cache hit' if built.cached else 'built'}: {built.plan.name} -> {built.plan.fingerprint}; "
+                   + _transfer_line("pushed", sent))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,15 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(chosen).expanduser().resolve()
 
 
+NO_LOCKS_ENV = "LOADSPEC_NO_LOCKS"
+LOCKLESS_GRACE_SECONDS = 6 * 3600  # without locks, gc spares tmp folders touched more recently than this
+
+
+def locks_enabled() -> bool:
+    """False when $LOADSPEC_NO_LOCKS=1: concurrent builders may then duplicate work, never publish a partial artifact."""
+    return os.environ.get(NO_LOCKS_ENV, "").strip().lower() not in ("1", "true", "yes", "on")
+
+
 @attrs.frozen
 class Entry:
     """One name in the index and the artifact it points to."""
@@ -77,9 +86,7 @@ class Store:
     @property
     def index(self):
         if self._index is None:
-            import diskcache
-
-            self._index = diskcache.Cache(str(self.root / "index"))
+            self._index = _open_index(self.root / "index")
         return self._index
 
     # artifacts ---------------------------------------------------------------
@@ -119,6 +126,9 @@ class Store:
     @contextlib.contextmanager
     def build_lock(self, fingerprint: str) -> Iterator[None]:
         """Advisory lock so concurrent builders of one fingerprint wait instead of duplicating work."""
+        if not locks_enabled():
+            yield
+            return
         with open(self.locks / f"{fingerprint}.lock", "a+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
@@ -137,6 +147,9 @@ class Store:
 
     # names -------------------------------------------------------------------
     def set_ref(self, name: str, fingerprint: str, *, spec: str = "", target: str = "") -> None:
+        current = self.ref(name)
+        if current and (current["fingerprint"], current["spec"], current["target"]) == (fingerprint, spec, target):
+            return  # a cache hit writes nothing
         self.index[f"ref:{name}"] = {"fingerprint": fingerprint, "spec": spec, "target": target,
                                      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -204,22 +217,62 @@ class Store:
                 self._delete(path)
         return removals
 
-    def gc(self, *, dry_run: bool = False) -> list[Removal]:
-        """Remove leftovers of dead builds and artifacts no name points to."""
-        referenced = {ref["fingerprint"] for ref in self.refs().values()}
+    def gc(self, *, dry_run: bool = False, older_than: float | None = None, max_size: int | None = None) -> list[Removal]:
+        """Remove leftovers of dead builds and artifacts no name points to.
+
+        `older_than` (days): also evict artifacts not used for that long; `max_size` (bytes):
+        then evict the least recently used until the artifacts fit. An evicted artifact's
+        names go with it.
+        """
+        refs = self.refs()
+        referenced = {ref["fingerprint"] for ref in refs.values()}
         removals = []
         for path in sorted(self.tmp.iterdir()):
-            if not self._build_alive(path.name.split(".")[0]):
+            if not self._build_alive(path.name.split(".")[0], path):
                 removals.append(Removal(path, _folder_size(path), "unfinished build"))
+        kept = []
         for path in sorted(self.artifacts.iterdir()):
             if path.name not in referenced:
                 removals.append(Removal(path, _folder_size(path), "no name points to it"))
+            else:
+                kept.append((self.last_used(path.name), _folder_size(path), path))
+        kept.sort(key=lambda item: item[0])
+        evicted = []
+        if older_than is not None:
+            cutoff = time.time() - older_than * 86400
+            evicted += [(p, s, f"not used for {older_than:g} days") for used, s, p in kept if used < cutoff]
+            kept = [item for item in kept if item[0] >= cutoff]
+        if max_size is not None:
+            total = sum(s for _, s, _ in kept)
+            for used, size, path in kept:
+                if total <= max_size:
+                    break
+                evicted.append((path, size, f"least recently used, over the {_human(max_size)} budget"))
+                total -= size
+        for path, size, why in evicted:
+            removals += [Removal(Path(f"index:{n}"), 0, "name of an evicted artifact") for n, r in refs.items() if r["fingerprint"] == path.name]
+            removals.append(Removal(path, size, why))
         if not dry_run:
             for removal in removals:
-                self._delete(removal.path)
+                if str(removal.path).startswith("index:"):
+                    self.index.pop(f"ref:{str(removal.path)[6:]}", None)
+                else:
+                    self._delete(removal.path)
         return removals
 
-    def _build_alive(self, fingerprint: str) -> bool:
+    def last_used(self, fingerprint: str) -> float:
+        """When an artifact was last loaded, else when it was committed."""
+        used = self.index.get(f"used:{fingerprint}")
+        if used is not None:
+            return used
+        try:
+            return self.artifact_path(fingerprint).stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    def _build_alive(self, fingerprint: str, path: Path | None = None) -> bool:
+        if not locks_enabled():  # no lock to ask: spare anything touched recently
+            return path is not None and time.time() - path.stat().st_mtime < LOCKLESS_GRACE_SECONDS
         lock = self.locks / f"{fingerprint}.lock"
         if not lock.exists():
             return False
@@ -239,6 +292,26 @@ class Store:
         doomed = self.tmp / f"deleting.{path.name}.{uuid.uuid4().hex[:8]}"
         os.rename(path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
+
+
+_indexes: dict[Path, object] = {}
+
+
+def _open_index(path: Path):
+    """The diskcache index at `path`, opened once per process (opening costs ~15 ms)."""
+    if path not in _indexes:
+        import diskcache
+
+        _indexes[path] = diskcache.Cache(str(path))
+    return _indexes[path]
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.4g} {unit}"
+        size /= 1024
+    return f"{size:.4g} TiB"
 
 
 def _folder_size(path: Path) -> int:

@@ -113,11 +113,6 @@ def test_unknown_gpu_profile_and_bad_table():
     assert "capability" in found[0].message
 
 
-def test_lora_section_not_yet_supported_is_clear():
-    found, _ = problems('name = "x"\n[model]\nsource = "a/b"\n[lora]\nr = 16\n')
-    assert found[0].key == "lora" and found[0].line == 4 and "not supported" in found[0].message
-
-
 def test_later_quant_modes_are_named():
     found, _ = problems('name = "x"\n[model]\nsource = "a/b"\n[load]\nquant = "int8"\n')
     assert "8-bit" in found[0].message and "not supported" in found[0].message
