@@ -34,13 +34,14 @@ def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = Non
     """`(model, tokenizer)` from an artifact folder, placed by `device_map` (default: the plan's)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from transformers import AutoTokenizer
-
     device_map = device_map or plan.device_map
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        tokenizer = pool.submit(AutoTokenizer.from_pretrained, folder)  # parsed while the weights are read
+    # Reading the weights needs neither transformers nor bitsandbytes: it runs while they are
+    # imported and the skeleton is built (seconds in a fresh process), and the tokenizer parses.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        stored = pool.submit(_read, folder, plan, device_map)
+        tokenizer = pool.submit(_tokenizer, folder)
         model = _skeleton(folder, plan)
-        _fill(model, folder, plan, device_map)
+        _assign(model, stored.result(), folder, plan)
         tokenizer = tokenizer.result()
     _place_buffers(model, device_map)
     if len(set(device_map.values())) > 1:
@@ -89,7 +90,14 @@ def _device_for(name: str, device_map: dict) -> torch.device:
     return torch.device(device_map.get(block, next(iter(device_map.values()))))
 
 
-def _fill(model: nn.Module, folder: Path, plan: LoadPlan, device_map: dict) -> None:
+def _tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _read(folder: Path, plan: LoadPlan, device_map: dict) -> dict[str, torch.Tensor]:
+    """Every stored tensor, on the device the map gives its parameter."""
     from .reader import read_tensors
 
     quantized = set(plan.quantized)
@@ -99,7 +107,12 @@ def _fill(model: nn.Module, folder: Path, plan: LoadPlan, device_map: dict) -> N
             return torch.device("cpu")  # a few hundred bytes of JSON, parsed on the host
         return _device_for(_quantized_owner(key, quantized) or key, device_map)
 
-    stored = read_tensors(sorted(folder.glob("*.safetensors")), place)
+    return read_tensors(sorted(folder.glob("*.safetensors")), place)
+
+
+def _assign(model: nn.Module, stored: dict[str, torch.Tensor], folder: Path, plan: LoadPlan) -> None:
+    """Put each stored tensor in its parameter's place; 4-bit weights become Params4bit."""
+    quantized = set(plan.quantized)
     for name, param in list(model.named_parameters()):
         if not param.is_meta or name not in stored:
             continue  # tied to another parameter: re-tied below
