@@ -51,13 +51,13 @@ def write_tokenizer(plan: LoadPlan, source: Source, folder: Path) -> None:
 
             gguf.save_tokenizer(source.path, Path(tmp))
             tok_dir = Path(tmp)
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    fixes = plan.tokenizer
+        fixes = plan.tokenizer
+        # passed at load so that save_pretrained records it (a later attribute change is not saved)
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, padding_side=fixes["padding_side"])
     if fixes["pad_token"] not in tokenizer.get_vocab():
         raise UsageError(f"[tokenizer] pad_token {fixes['pad_token']!r} is not in the tokenizer's vocabulary; "
                          "use 'auto' or one of its special tokens " + str(tokenizer.all_special_tokens[:8]))
     tokenizer.pad_token = fixes["pad_token"]
-    tokenizer.padding_side = fixes["padding_side"]
     if fixes["chat_template"]:
         tokenizer.chat_template = fixes["chat_template"]
     tokenizer.save_pretrained(folder)

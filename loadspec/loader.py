@@ -7,6 +7,7 @@ from the stored statistics. Only reads; a damaged artifact is refused, never rep
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -52,15 +53,32 @@ def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = Non
     return model, tokenizer
 
 
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory, no init);
+    buffers stay real, so computed ones such as RoPE frequencies are correct."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
 def _skeleton(folder: Path, plan: LoadPlan) -> nn.Module:
-    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     config_dict = json.loads((folder / "config.json").read_text())
     quant_config = config_dict.pop("quantization_config", None)
     config = arch.hf_config(config_dict)
     dtype = getattr(torch, plan.dtype)
-    with init_empty_weights(include_buffers=False):
+    with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if plan.quantized:
         import bitsandbytes as bnb
