@@ -11,6 +11,7 @@ import attrs
 
 from . import arch, hardware, source as sources
 from .errors import LoadspecError, UsageError
+from .lora import check_adapter_path
 from .plan import LoadPlan, resolve
 from .spec import Spec, load_spec
 from .store import Store
@@ -45,6 +46,7 @@ def plan_spec(spec_path: str | Path, *, target: str | None = None, store: Store 
         machine = hardware.profile(target if target is not None else spec.target.gpu)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    check_adapter_path(spec)
     src = sources.resolve(spec.model)
     if "quantization_config" in src.config:
         raise UsageError(f"{src.location} is already quantized ({src.config['quantization_config'].get('quant_method')}); "

@@ -46,10 +46,79 @@ class Source:
     config: dict = attrs.field(eq=False, repr=False)
     tensors: dict[str, TensorInfo] = attrs.field(eq=False, repr=False)
     tokenizer: dict = attrs.field(eq=False, repr=False)  # special tokens and chat template as the source ships them
+    adapter: "Adapter | None" = attrs.field(default=None, eq=False, repr=False)  # an existing LoRA adapter on this base
+
+
+@attrs.frozen
+class Adapter:
+    """An existing peft LoRA adapter folder: its config and tensor headers, nothing else."""
+
+    path: Path  # absolute
+    config: dict = attrs.field(eq=False, repr=False)  # adapter_config.json
+    tensors: dict[str, TensorInfo] = attrs.field(eq=False, repr=False)  # adapter_model.safetensors headers
+    identity: str = ""  # sha256 that changes when the adapter may have changed
 
 
 def resolve(model: ModelSection) -> Source:
-    """Find the source the spec names and read its config, tokenizer settings and tensor headers."""
+    """The source the spec names, with config, tokenizer settings and tensor headers read.
+
+    A source that is a LoRA adapter folder (adapter_config.json, no config.json) resolves
+    to its base (`base_model_name_or_path`), with the adapter attached to the result, as
+    does `[model] adapter`.
+    """
+    folder = Path(model.source.strip()).expanduser()
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        if model.adapter.strip():
+            raise UsageError(f"model source {model.source!r} is itself a LoRA adapter, and [model] adapter names another; "
+                             "give source = the base model and adapter = the adapter folder.")
+        adapter = read_adapter(folder)
+        base = _adapter_base(adapter, model)
+        return attrs.evolve(_resolve_weights(base), adapter=adapter)
+    base = _resolve_weights(model)
+    return attrs.evolve(base, adapter=read_adapter(Path(model.adapter.strip()).expanduser())) if model.adapter.strip() else base
+
+
+def read_adapter(folder: Path) -> Adapter:
+    """Read a peft adapter folder's config and safetensors header (no tensor data)."""
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        what = ("does not exist (adapters are local folders: fetch one from the hub first, e.g. huggingface-cli download ORG/NAME "
+                "--local-dir DIR)") if not folder.exists() else "has no adapter_config.json, so it is not a peft adapter folder"
+        raise UsageError(f"LoRA adapter {str(folder)!r} {what}.")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{config_file} is not valid JSON ({exc}).") from None
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise UsageError(f"{folder} is a {config.get('peft_type')} adapter; loadspec attaches LoRA adapters only.")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickled = " It has adapter_model.bin, a pickle file: loadspec never unpickles weights." if (folder / "adapter_model.bin").exists() else ""
+        raise UsageError(f"{folder} has no adapter_model.safetensors.{pickled} Save the adapter with "
+                         "model.save_pretrained(dir) (safetensors is peft's default).")
+    header = read_safetensors_header(weights)
+    stat = weights.stat()
+    digest = hashlib.sha256(config_file.read_bytes())
+    digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    tensors = {name: TensorInfo(tuple(entry["shape"]), SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"]), weights.name)
+               for name, entry in header.items() if name != "__metadata__"}
+    return Adapter(folder.resolve(), config, tensors, digest.hexdigest())
+
+
+def _adapter_base(adapter: Adapter, model: ModelSection) -> ModelSection:
+    """The [model] section of an adapter's base, from its base_model_name_or_path."""
+    base = (adapter.config.get("base_model_name_or_path") or "").strip()
+    if not base:
+        raise UsageError(f"the LoRA adapter {adapter.path} does not name its base model (base_model_name_or_path is empty). "
+                         "Give source = the base model and adapter = this folder.")
+    if not Path(base).expanduser().exists() and (adapter.path / base).exists():
+        base = str(adapter.path / base)  # a path relative to the adapter folder
+    revision = adapter.config.get("revision") or model.revision
+    return attrs.evolve(model, source=base, revision=revision, adapter="")
+
+
+def _resolve_weights(model: ModelSection) -> Source:
     location = model.source.strip()
     if location.startswith("package:"):
         path = _package_file(location)

@@ -18,10 +18,11 @@ from .errors import Problem, SpecError, did_you_mean
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 GPU_PROFILES = ("auto", "cpu", "h200", "h100", "a100", "a10g", "l40s", "l4", "rtx4090", "rtx3090", "t4", "v100")
-LATER_SECTIONS = {
-    "lora": "LoRA settings are not supported by this loadspec version yet",
-    "train": "training settings are not supported by this loadspec version yet",
-}
+LATER_SECTIONS: dict[str, str] = {}  # section -> "not supported yet" message
+# peft / unsloth spellings of [lora] keys -> loadspec's, for the "unknown key" message
+KEY_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "rank": "r", "init_lora_weights": "init",
+               "seed": "random_state", "target": "target_modules", "use_gradient_checkpointing": "gradient_checkpointing"}
+TARGET_SETS = ("attention", "attention+mlp", "all-linear")  # [lora] target_modules keywords
 LATER_QUANTS = {"int8": "8-bit (LLM.int8) loading", "fp8": "fp8 loading"}
 
 
@@ -35,6 +36,8 @@ class ModelSection:
     revision: str = _field("main", kind="str", help="hub branch, tag or commit; pinned to a commit in the plan")
     token_env: str = _field("HF_TOKEN", kind="str", help="name of the environment variable holding a hub token (never the token)")
     trust_remote_code: bool = _field(False, kind="bool", help="allow the source's own Python code; recorded in the plan")
+    adapter: str = _field("", kind="str", help="an existing peft LoRA adapter folder (adapter_config.json) to attach to the source")
+    adapter_trainable: bool = _field(False, kind="bool", help="load that adapter trainable (resume training) instead of frozen")
 
 
 @attrs.frozen
@@ -59,7 +62,26 @@ class TokenizerSection:
     chat_template: str = _field("", kind="str", help="a Jinja chat template replacing the model's own; empty keeps it")
 
 
-SECTIONS = {"model": ModelSection, "load": LoadSection, "target": TargetSection, "tokenizer": TokenizerSection}
+@attrs.frozen
+class LoraSection:
+    r: int = _field(16, kind="rank", help="LoRA rank: rows of A, columns of B")
+    alpha: float = _field(16, kind="positive", help="updates are scaled by alpha / r (alpha / sqrt(r) with use_rslora)")
+    use_rslora: bool = _field(False, kind="bool", help="rank-stabilised scaling alpha / sqrt(r)")
+    dropout: float = _field(0.0, kind="fraction", help="dropout on the LoRA input, 0 <= dropout < 1")
+    bias: str = _field("none", kind="str", help="which biases train", choices=("none", "lora_only", "all"))
+    target_modules: Any = _field("attention+mlp", kind="targets", help="Linear module names, or 'attention', 'attention+mlp' (the family's own sets) or 'all-linear'")
+    modules_to_save: tuple[str, ...] = _field((), kind="strlist", help="modules trained in full and saved with the adapter (e.g. lm_head)")
+    init: str = _field("default", kind="str", help="initialisation of A and B (B = 0 except orthogonal)", choices=("default", "gaussian", "orthogonal"))
+    random_state: int = _field(3407, kind="seed", help="seed of the adapter's initialisation: same seed, same bytes")
+
+
+@attrs.frozen
+class TrainSection:
+    gradient_checkpointing: Any = _field(False, kind="checkpointing", help='false, true (recompute each decoder layer in backward) or "offload" (also keep its input in CPU memory)')
+
+
+SECTIONS = {"model": ModelSection, "load": LoadSection, "target": TargetSection, "tokenizer": TokenizerSection,
+            "lora": LoraSection, "train": TrainSection}
 
 
 @attrs.frozen
@@ -71,7 +93,10 @@ class Spec:
     load: LoadSection = LoadSection()
     target: TargetSection = TargetSection()
     tokenizer: TokenizerSection = TokenizerSection()
+    lora: LoraSection | None = None  # None: no [lora] section, no new adapter
+    train: TrainSection = TrainSection()
     path: str = attrs.field(default="<spec>", eq=False)
+    lines: dict = attrs.field(factory=dict, eq=False, repr=False)  # 'section.key' -> line, for plan-time messages
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -120,7 +145,7 @@ def parse_spec(text: str, path: str = "<spec>") -> Spec:
         _check_combinations(data, sections, lines, problems)
     if problems:
         raise SpecError(path, problems)
-    return Spec(name=name, path=path, **sections)
+    return Spec(name=name, path=path, lines=lines, **sections)
 
 
 def _bind(cls, table: dict, section: str, lines: dict, problems: list[Problem]):
@@ -132,13 +157,14 @@ def _bind(cls, table: dict, section: str, lines: dict, problems: list[Problem]):
         line = lines.get(where, lines.get(section))
         field = fields.get(key)
         if field is None:
-            problems.append(Problem(where, "unknown key" + did_you_mean(key, fields), line, f"keys of [{section}]: {', '.join(fields)}"))
+            hint = f" (loadspec calls it '{KEY_ALIASES[key]}')" if KEY_ALIASES.get(key) in fields else did_you_mean(key, fields)
+            problems.append(Problem(where, "unknown key" + hint, line, f"keys of [{section}]: {', '.join(fields)}"))
             continue
         message, fix = _check_value(key, value, field.metadata)
         if message:
             problems.append(Problem(where, message, line, fix))
         else:
-            values[key] = tuple(value) if field.metadata["kind"] == "strlist" else value
+            values[key] = tuple(value) if isinstance(value, list) else value
     for name, field in fields.items():
         if field.default is attrs.NOTHING and name not in table:
             problems.append(Problem(f"{section}.{name}", "missing", lines.get(section), f"add {name} = ... ({field.metadata['help']})"))
@@ -148,6 +174,8 @@ def _bind(cls, table: dict, section: str, lines: dict, problems: list[Problem]):
 def _check_value(key: str, value: Any, meta: dict) -> tuple[str, str]:
     """(message, fix) for a bad value, or ('', '')."""
     kind, choices = meta["kind"], meta["choices"]
+    if kind in TRAINING_KINDS:
+        return TRAINING_KINDS[kind](key, value)
     if kind == "str" and not isinstance(value, str):
         return f"must be a string, got {_type_name(value)}", f'write {key} = "..."'
     if kind == "bool" and not isinstance(value, bool):
@@ -166,6 +194,69 @@ def _check_value(key: str, value: Any, meta: dict) -> tuple[str, str]:
             return f"{LATER_QUANTS[value]} is not supported by this loadspec version yet", f"use one of: {', '.join(choices)}"
         return f"{value!r} is not one of {', '.join(choices)}." + did_you_mean(value, choices), f"use one of: {', '.join(choices)}"
     return "", ""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_rank(key: str, value: Any) -> tuple[str, str]:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"must be a whole number, got {_type_name(value)}", f"write {key} = 16 (no quotes)"
+    if not 1 <= value <= 4096:
+        return f"must be between 1 and 4096, got {value}", "LoRA ranks are usually 8 to 128"
+    return "", ""
+
+
+def _check_positive(key: str, value: Any) -> tuple[str, str]:
+    if not _is_number(value):
+        return f"must be a number, got {_type_name(value)}", f"write {key} = 32 (no quotes)"
+    if not 0 < value <= 1_000_000:
+        return f"must be above 0 (and at most 1000000), got {value}", "alpha is usually r or 2 * r"
+    return "", ""
+
+
+def _check_fraction(key: str, value: Any) -> tuple[str, str]:
+    if not _is_number(value):
+        return f"must be a number, got {_type_name(value)}", f"write {key} = 0.05 (no quotes)"
+    if not 0 <= value < 1:
+        return f"must be at least 0 and below 1, got {value}", f"write {key} = 0 (off) or a small value like 0.05"
+    return "", ""
+
+
+def _check_seed(key: str, value: Any) -> tuple[str, str]:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"must be a whole number, got {_type_name(value)}", f"write {key} = 3407 (no quotes)"
+    if value < 0:
+        return f"must be 0 or more, got {value}", f"write {key} = 3407"
+    return "", ""
+
+
+def _check_targets(key: str, value: Any) -> tuple[str, str]:
+    fix = f'write {key} = "attention+mlp", "all-linear", or a list like ["q_proj", "v_proj"]'
+    if isinstance(value, str):
+        if value in TARGET_SETS:
+            return "", ""
+        return f"{value!r} is not one of {', '.join(TARGET_SETS)}." + did_you_mean(value, TARGET_SETS), fix
+    if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return f"must be a string or a list of strings, got {_type_name(value)}", fix
+    if not value or any(not v.strip() for v in value):
+        return "must name at least one module, and no empty names", fix
+    return "", ""
+
+
+def _check_checkpointing(key: str, value: Any) -> tuple[str, str]:
+    if isinstance(value, bool) or value == "offload":
+        return "", ""
+    fix = f'write {key} = false, {key} = true or {key} = "offload"'
+    if isinstance(value, str):
+        hint = " (unsloth's \"unsloth\" mode is loadspec's \"offload\")" if value == "unsloth" else did_you_mean(value, ["offload", "true", "false"])
+        return f"{value!r} is not false, true or \"offload\"." + hint, fix
+    return f"must be true, false or \"offload\", got {_type_name(value)}", fix
+
+
+TRAINING_KINDS = {"rank": _check_rank, "positive": _check_positive, "fraction": _check_fraction, "seed": _check_seed,
+                  "targets": _check_targets, "checkpointing": _check_checkpointing}
 
 
 def _check_gpu(value: Any) -> tuple[str, str]:
@@ -204,6 +295,21 @@ def _check_combinations(data: dict, sections: dict, lines: dict, problems: list[
     model = sections.get("model")
     if model is not None and not model.source.strip():
         problems.append(Problem("model.source", "is empty", lines.get("model.source"), 'write source = "org/name" or a local path'))
+    _check_lora_combinations(sections, load, lines, problems)
+
+
+def _check_lora_combinations(sections: dict, load: LoadSection, lines: dict, problems: list[Problem]) -> None:
+    lora, model = sections.get("lora"), sections.get("model")
+    if lora is not None and model is not None and model.adapter.strip():
+        problems.append(Problem("lora", "a new adapter ([lora]) and an existing one ([model] adapter) cannot be combined", lines.get("lora"),
+                                "remove [lora] to use the existing adapter (adapter_trainable = true to train it further), or remove adapter"))
+    if lora is not None and lora.init == "orthogonal":
+        if lora.r % 2:
+            problems.append(Problem("lora.init", f"orthogonal initialisation needs an even r, got r = {lora.r}", lines.get("lora.init"),
+                                    f"set r = {lora.r + 1}, or init = \"default\""))
+        if load.quant != "none":
+            problems.append(Problem("lora.init", f"orthogonal initialisation needs a 16-bit base, but quant = \"{load.quant}\"",
+                                    lines.get("lora.init"), 'use init = "default" or "gaussian", or quant = "none"'))
 
 
 def _key_lines(text: str) -> dict[str, int]:

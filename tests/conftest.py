@@ -39,9 +39,10 @@ def checkpoint(tmp_path_factory):
 def write_spec(tmp_path):
     """write_spec(source, name=..., **sections) -> path of a spec file targeting the CPU."""
 
-    def write(source, name="tiny", load=None, target="cpu", tokenizer=None) -> Path:
-        lines = [f'name = "{name}"', "[model]", f'source = "{source}"', "[target]", f'gpu = "{target}"']
-        for section, values in (("load", load), ("tokenizer", tokenizer)):
+    def write(source, name="tiny", load=None, target="cpu", tokenizer=None, model=None, lora=None, train=None) -> Path:
+        lines = [f'name = "{name}"', "[model]", f'source = "{source}"',
+                 *(f"{k} = {_toml(v)}" for k, v in (model or {}).items()), "[target]", f'gpu = "{target}"']
+        for section, values in (("load", load), ("tokenizer", tokenizer), ("lora", lora), ("train", train)):
             if values:
                 lines.append(f"[{section}]")
                 lines += [f"{k} = {_toml(v)}" for k, v in values.items()]

@@ -1,0 +1,155 @@
+"""Gradient checkpointing: off, on, or on with the checkpointed activations offloaded to CPU memory.
+
+`[train] gradient_checkpointing`:
+
+* `false` — autograd keeps every activation of the forward pass for the backward pass.
+* `true`  — each decoder layer keeps only its input; backward re-runs the layer from it
+  (transformers' own checkpointing, `torch.utils.checkpoint` non-reentrant).
+* `"offload"` — as `true`, and the one tensor each layer keeps (its input, `layers x batch x
+  sequence x hidden` bytes, what dominates at long sequences) waits for the backward pass in
+  host memory instead of GPU memory:
+
+  - forward: the copy to (pinned) host memory is queued on a side CUDA stream right after the
+    layer's input is ready, so it overlaps the layer's own compute; the GPU copy is released
+    as soon as the transfer has read it (`record_stream`);
+  - backward: the input is copied back and the layer recomputed from it; while that layer's
+    backward runs, the input of the layer below is already being copied back on the side
+    stream (one layer of prefetch), so the compute stream rarely waits for PCIe.
+
+  The offload is a `torch.autograd.graph.saved_tensors_hooks` pair around
+  `torch.utils.checkpoint`: exactly the tensors checkpoint saves (the layer's positional
+  inputs) pass through it. Keyword inputs shared by all layers (attention mask, RoPE cos/sin)
+  are not copied. Tensors already in host memory (a model on the CPU) are kept as they are,
+  so on a CPU-only machine `"offload"` computes exactly what `true` does.
+
+Checkpointing recomputes the same operations on the same inputs with the same RNG state
+(dropout included), so gradients equal the ones without checkpointing; tests check equality.
+Checkpointing acts only in training mode (`model.train()`).
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+MODES = (False, True, "offload")
+
+
+def describe(mode, target_kind: str) -> str:
+    """The plan's reason line for a checkpointing mode."""
+    if mode is False:
+        return "gradient checkpointing off: every activation is kept for backward (fastest, most memory)"
+    if mode is True:
+        return "gradient checkpointing on: decoder layers recomputed in backward; each keeps only its input, on the device"
+    if target_kind == "cpu":
+        return ("gradient checkpointing offload: decoder layers recomputed in backward; on a CPU target their inputs "
+                "already live in host memory, so this computes exactly what true does")
+    return ("gradient checkpointing offload: decoder layers recomputed in backward; each layer's input waits in pinned host "
+            "memory (copied on a side stream during forward, prefetched a layer ahead in backward)")
+
+
+def enable(model, mode) -> None:
+    """Set `model` (a transformers model, or a peft model around one) to checkpoint as `mode` says."""
+    if mode not in MODES:
+        raise ValueError(f"gradient_checkpointing must be one of {MODES}, got {mode!r}")
+    if mode is False:
+        return
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf.config.use_cache = False  # a KV cache is useless in training and checkpointed layers refuse it; generate() keeps its own setting
+    if mode == "offload":
+        offloader = ActivationOffloader()
+        function = functools.partial(offloaded_checkpoint, offloader)
+        for module in hf.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module._gradient_checkpointing_func = function
+        hf._loadspec_offloader = offloader
+        decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else None  # peft calls hf.forward directly, so hook the decoder
+        (decoder or hf).register_forward_pre_hook(lambda *_: offloader.new_pass())
+    if not any(p.requires_grad for p in hf.get_input_embeddings().parameters()) and not getattr(hf, "_require_grads_hooks", None):
+        # a frozen base: the embeddings' output must require grad so gradients reach the adapters
+        # through every checkpointed layer (transformers usually did this already)
+        hf.enable_input_require_grads()
+
+
+def offloaded_checkpoint(offloader: "ActivationOffloader", function, *args, use_reentrant: bool = False, **kwargs):
+    """`torch.utils.checkpoint` (non-reentrant) whose saved inputs wait in host memory."""
+    with torch.autograd.graph.saved_tensors_hooks(offloader.pack, offloader.unpack):
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+
+class ActivationOffloader:
+    """pack/unpack hooks that move saved tensors to host memory and back, asynchronously on CUDA."""
+
+    def __init__(self):
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._last: weakref.ref | None = None  # the stash packed just before, in this forward pass
+
+    def new_pass(self) -> None:
+        """A new forward pass starts: its first layer has no layer below to prefetch."""
+        self._last = None
+
+    def pack(self, tensor: torch.Tensor):
+        if tensor.device.type == "cpu" or tensor.numel() == 0:
+            return tensor  # already in host memory (or nothing to move)
+        stream = None
+        if tensor.device.type == "cuda":
+            stream = self._streams.get(tensor.device)
+            if stream is None:
+                stream = self._streams[tensor.device] = torch.cuda.Stream(tensor.device)
+        stash = _Stash(tensor, stream, self._last)
+        self._last = weakref.ref(stash)
+        return stash
+
+    def unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        tensor = packed.fetch()
+        below = packed.below() if packed.below is not None else None
+        if below is not None:
+            below.prefetch()  # the next layer backward will need
+        return tensor
+
+
+class _Stash:
+    """One saved tensor in host memory: the copy out (forward) and back (backward)."""
+
+    def __init__(self, tensor: torch.Tensor, stream, below: weakref.ref | None):
+        self.device = tensor.device
+        self.stream = stream
+        self.below = below
+        self.back: torch.Tensor | None = None  # prefetched device copy, not yet handed out
+        self.back_ready = None
+        if stream is None:  # not CUDA: a plain synchronous copy
+            self.host = tensor.to("cpu")
+            self.copied = None
+            return
+        self.host = torch.empty_like(tensor, device="cpu", pin_memory=True)
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # the tensor has been computed
+        with torch.cuda.stream(stream):
+            self.host.copy_(tensor, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record(stream)
+        tensor.record_stream(stream)  # its GPU memory is not reused before the copy has read it
+
+    def prefetch(self) -> None:
+        if self.stream is None or self.back is not None:
+            return
+        with torch.cuda.stream(self.stream):  # after `copied` on this same stream
+            self.back = self.host.to(self.device, non_blocking=True)
+            self.back_ready = torch.cuda.Event()
+            self.back_ready.record(self.stream)
+
+    def fetch(self) -> torch.Tensor:
+        if self.stream is None:
+            return self.host.to(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        if self.back is not None:
+            compute.wait_event(self.back_ready)
+            tensor, self.back = self.back, None
+            tensor.record_stream(compute)  # made on the side stream, used (and freed) on this one
+            return tensor
+        compute.wait_event(self.copied)
+        return self.host.to(self.device, non_blocking=True)
