@@ -24,7 +24,8 @@ from .plan import LoadPlan
 from .shards import ShardWriter
 from .source import Source
 
-QUANT_SUFFIXES = ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
+QUANT_SUFFIXES = ("", ".absmax", ".quant_map")
+NESTED_SUFFIXES = (".nested_absmax", ".nested_quant_map")
 HASH_CHUNK = 8 * 1024 * 1024
 
 
@@ -88,7 +89,8 @@ def quantization_config(plan: LoadPlan) -> dict:
 def stored_names(plan: LoadPlan, parameter: str) -> list[str]:
     """The safetensors keys one parameter is stored under."""
     if parameter.endswith(".weight") and parameter[: -len(".weight")] in plan.quantized:
-        return [parameter + s for s in QUANT_SUFFIXES] + [f"{parameter}.quant_state.bitsandbytes__{plan.quant['method']}"]
+        suffixes = QUANT_SUFFIXES + (NESTED_SUFFIXES if plan.quant["double_quant"] else ())
+        return [parameter + s for s in suffixes] + [f"{parameter}.quant_state.bitsandbytes__{plan.quant['method']}"]
     return [parameter]
 
 
