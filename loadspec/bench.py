@@ -159,12 +159,12 @@ def report(result: dict) -> str:
 
     lines = [f"shape {result['shape']} on {result['gpu']} (torch {result['torch']}); bf16 {result['bf16_gib']:.2f} GiB, nf4 {result['nf4_gib']:.2f} GiB",
              f"{'case':32} {'load call s':>11} {'fresh→forward s':>16} {'peak GiB':>9} {'vs transformers':>16}"]
-    base = best("transformers_prequantized", "load_s")
+    base = best("transformers_prequantized", "load_s") if "transformers_prequantized" in CASES else float("nan")
     for name in CASES:
         load_s = best(name, "load_s")
         lines.append(f"{name:32} {load_s:11.3f} {best(name, 'first_forward_s'):16.2f} {best(name, 'peak_gib'):9.2f} {base / load_s:15.1f}x")
     build = result["loadspec_build"]
-    hf_q = best("transformers_quantize_on_load", "load_s")
+    hf_q = best("transformers_quantize_on_load", "load_s") if "transformers_quantize_on_load" in CASES else float("nan")
     lines.append(f"loadspec build (quantize + write): {build.get('build_s', float('nan')):.2f} s = "
                  f"{build.get('build_s', float('nan')) / hf_q:.2f}x transformers quantize-on-load; peak host RSS {build.get('peak_rss_gib', float('nan')):.2f} GiB")
     hit = result["cache_hit"]
@@ -183,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="/tmp/loadspec-bench", type=Path)
     parser.add_argument("--reps", default=2, type=int)
     parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), help="only these load cases (default: all)")
     args = parser.parse_args(argv)
+    for name in set(CASES) - set(args.cases or CASES):
+        del CASES[name]
     result = run(args.shape, args.root / args.shape, args.reps)
     print(report(result), flush=True)
     if args.json:

@@ -78,7 +78,7 @@ def _skeleton(folder: Path, plan: LoadPlan) -> nn.Module:
     quant_config = config_dict.pop("quantization_config", None)
     config = arch.hf_config(config_dict)
     dtype = getattr(torch, plan.dtype)
-    with _parameters_on_meta():
+    with arch.skip_weight_init(), _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if plan.quantized:
         import bitsandbytes as bnb

@@ -69,6 +69,16 @@ def hf_config(config: dict):
     return AutoConfig.for_model(model_type, **data)
 
 
+def skip_weight_init():
+    """A context in which transformers and torch.nn.init skip random initialisation
+    (weights are about to be replaced, or live on the meta device)."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights  # transformers 4
+    return no_init_weights()
+
+
 def skeleton(config: dict) -> Skeleton:
     """Module and parameter names of the model this config describes (memoized per config)."""
     key = json.dumps(config, sort_keys=True)
@@ -94,8 +104,9 @@ def _build_skeleton(config: dict) -> Skeleton:
     from torch import nn
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with torch.device("meta"), skip_weight_init():
         model = AutoModelForCausalLM.from_config(hf_config(config))
+    model.tie_weights()  # part of the initialisation skipped above
     seen: dict[int, str] = {}
     names, tied = [], []
     for name, param in model.named_parameters(remove_duplicate=False):
