@@ -171,7 +171,7 @@ class _Background:
             raise self.error
 
 
-def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
+def _prefetch(items: Iterator, depth: int = 1) -> Iterator:
     """Iterate `items` on a reader thread, at most `depth` ahead (bounds host memory)."""
     buffer: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
@@ -200,15 +200,13 @@ def _stream(source: Source, wanted: set[str]) -> Iterator[tuple[str, torch.Tenso
             if name in wanted:
                 yield name, tensor
         return
-    from safetensors import safe_open
+    from .reader import iter_file_tensors
 
     by_file: dict[str, list[str]] = {}
     for name in sorted(wanted):
         by_file.setdefault(source.tensors[name].file, []).append(name)
     for file, names in sorted(by_file.items()):
-        with safe_open(source.path / file, framework="pt") as handle:
-            for name in names:
-                yield name, handle.get_tensor(name)
+        yield from iter_file_tensors(source.path / file, names)
 
 
 def _numel(shape) -> int:

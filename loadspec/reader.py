@@ -15,7 +15,7 @@ import queue
 import struct
 import threading
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -182,6 +182,24 @@ def _copy_all(jobs: list, arenas, ring: queue.Queue, uses_cuda: bool, threads: i
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def iter_file_tensors(path: Path, names) -> Iterator[tuple[str, torch.Tensor]]:
+    """The named tensors of one safetensors file, one at a time in file order, each read into
+    its own host buffer with positional reads (no memory map, so host memory holds only the
+    tensors the caller keeps)."""
+    base, header = read_layout(path)
+    wanted = sorted(names, key=lambda name: header[name]["data_offsets"][0])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for name in wanted:
+            entry = header[name]
+            begin, end = entry["data_offsets"]
+            buffer = torch.empty(end - begin, dtype=torch.uint8)
+            _pread_exactly(fd, buffer.numpy(), base + begin, path)
+            yield name, buffer.view(DTYPES[entry["dtype"]]).view(tuple(entry["shape"]))
+    finally:
+        os.close(fd)
 
 
 def _pread_exactly(fd: int, buffer, offset: int, path: Path) -> None:

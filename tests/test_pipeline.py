@@ -76,12 +76,13 @@ def test_build_load_matches_transformers(family, quant, checkpoint, write_spec, 
 def test_second_build_is_a_cache_hit_that_reads_no_weights(checkpoint, write_spec, tmp_path, monkeypatch):
     spec = write_spec(checkpoint("llama"), name="hit")
     first = loadspec.build(spec, cache_dir=tmp_path, progress=False)
-    import safetensors
+    from loadspec import builder, reader
 
     def no_reads(*args, **kwargs):
-        raise AssertionError("a cache hit must not open tensor data")
+        raise AssertionError("a cache hit must not read tensor data or build")
 
-    monkeypatch.setattr(safetensors, "safe_open", no_reads)
+    monkeypatch.setattr(reader, "iter_file_tensors", no_reads)
+    monkeypatch.setattr(builder, "write_artifact", no_reads)
     second = loadspec.build(spec, cache_dir=tmp_path, progress=False)
     assert second.cached and second.path == first.path
 

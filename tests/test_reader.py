@@ -63,3 +63,14 @@ def test_reads_to_gpu_and_host_in_one_pass(tmp_path):
     assert got["w.u8"].device.type == "cpu" and got["w.bf16"].device.type == "cuda"
     for key, tensor in data.items():
         assert torch.equal(got[key].cpu(), tensor), key
+
+
+def test_iter_file_tensors_reads_named_tensors_in_file_order(tmp_path):
+    from loadspec.reader import iter_file_tensors
+
+    data = sample()
+    save_file(data, tmp_path / "m.safetensors")
+    got = list(iter_file_tensors(tmp_path / "m.safetensors", ["w.f32", "w.bf16", "w.empty"]))
+    assert sorted(name for name, _ in got) == ["w.bf16", "w.empty", "w.f32"]
+    for name, tensor in got:
+        assert torch.equal(tensor, data[name]) and tensor.dtype == data[name].dtype
