@@ -79,6 +79,10 @@ def _write_config(plan: LoadPlan, source: Source, folder: Path) -> None:
 def quantization_config(plan: LoadPlan) -> dict:
     """The bitsandbytes `quantization_config` transformers expects in config.json."""
     q = plan.quant
+    if q["method"] == "int8":
+        return {"quant_method": "bitsandbytes", "load_in_4bit": False, "load_in_8bit": True,
+                "llm_int8_skip_modules": q["skip_modules"], "llm_int8_threshold": q["threshold"],
+                "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
     return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
             "bnb_4bit_quant_type": q["method"], "bnb_4bit_use_double_quant": q["double_quant"],
             "bnb_4bit_compute_dtype": plan.dtype, "bnb_4bit_quant_storage": q["storage"],
@@ -88,6 +92,9 @@ def quantization_config(plan: LoadPlan) -> dict:
 
 def stored_names(plan: LoadPlan, parameter: str) -> list[str]:
     """The safetensors keys one parameter is stored under."""
+    if parameter.endswith(".weight") and parameter[: -len(".weight")] in plan.quantized and plan.quant["method"] == "int8":
+        module = parameter[: -len(".weight")]
+        return [parameter, f"{module}.SCB", f"{module}.weight_format"]  # bitsandbytes' Linear8bitLt state dict
     if parameter.endswith(".weight") and parameter[: -len(".weight")] in plan.quantized:
         suffixes = QUANT_SUFFIXES + (NESTED_SUFFIXES if plan.quant["double_quant"] else ())
         return [parameter + s for s in suffixes] + [f"{parameter}.quant_state.bitsandbytes__{plan.quant['method']}"]
@@ -124,8 +131,11 @@ def _write_weights(plan: LoadPlan, source: Source, skeleton: arch.Skeleton, fold
 
 
 def quantize(weight: torch.Tensor, plan: LoadPlan, name: str) -> dict[str, torch.Tensor]:
-    """The stored tensors of one 4-bit weight: bitsandbytes' CUDA kernel on a GPU, loadspec.quant on the CPU."""
+    """The stored tensors of one quantized weight: bitsandbytes' CUDA kernel on a GPU, loadspec.quant on the CPU
+    (int8: bitsandbytes' row-wise quantizer on either, from float16 as bitsandbytes' Int8Params does)."""
     q = plan.quant
+    if q["method"] == "int8":
+        return quantize_int8(weight, name)
     if weight.is_cuda:
         from bitsandbytes.functional import quantize_4bit
 
@@ -138,6 +148,17 @@ def quantize(weight: torch.Tensor, plan: LoadPlan, name: str) -> dict[str, torch
 
     return quant.quantize_4bit(weight, quant_type=q["method"], blocksize=q["blocksize"], double_quant=q["double_quant"],
                                name=name).state_dict(name)
+
+
+def quantize_int8(weight: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
+    """LLM.int8 storage of one weight, in the layout transformers saves: int8 rows, float32 row absmax (SCB), format 0 (row)."""
+    from bitsandbytes.functional import int8_vectorwise_quant
+
+    if not torch.isfinite(weight).all():
+        raise UsageError(f"tensor {name} contains inf or NaN; the source checkpoint is damaged.")
+    module = name[: -len(".weight")]
+    rows, scales, _ = int8_vectorwise_quant(weight.contiguous().to(torch.float16))
+    return {name: rows, f"{module}.SCB": scales.float(), f"{module}.weight_format": torch.tensor(0, dtype=torch.uint8)}
 
 
 class _Background:
@@ -221,9 +242,17 @@ def _manifest(plan: LoadPlan, folder: Path, progress: bool) -> dict:
     with ThreadPoolExecutor(max_workers=8) as pool:  # hashlib releases the GIL: shards hash in parallel
         digests = list(tqdm(pool.map(sha256_file, files), total=len(files), desc="hash", disable=not progress, leave=False))
     entries = {path.name: {"size": path.stat().st_size, "sha256": digest} for path, digest in zip(files, digests)}
-    return {"format_version": plan.format_version, "fingerprint": plan.fingerprint,
+    return {"format_version": plan.format_version, "fingerprint": plan.fingerprint, "quantizer": _quantizer_name(plan),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": plan.versions,
             "target": plan.target["name"], "files": entries}
+
+
+def _quantizer_name(plan: LoadPlan) -> str:
+    """Which quantizer wrote the 4-bit bytes: bitsandbytes' CPU and CUDA kernels round differently,
+    so two valid builds of one plan can differ byte for byte (each matches its own reference)."""
+    if not plan.quantized:
+        return "none"
+    return "bitsandbytes-cuda" if torch.cuda.is_available() else "loadspec.quant (bit-exact with bitsandbytes-cpu)"
 
 
 def sha256_file(path: Path) -> str:
