@@ -77,20 +77,53 @@ def build(spec_path: str | Path, *, cache_dir: str | Path | None = None, target:
     plan = planned.plan
     fingerprint = plan.fingerprint
     cached = store.has(fingerprint) and not force
+    if cached:
+        _check_reusable(store, fingerprint)
+    elif not force:
+        _check_name_format(store, plan.name)
     if not cached:
         with store.build_lock(fingerprint):
             if force or not store.has(fingerprint):
                 with store.staging(fingerprint) as staged:
                     _log_build(fingerprint, staged)
                     write_artifact(plan, planned.source, staged, progress=progress)
-                    if force and store.has(fingerprint):
-                        store.delete_artifact(fingerprint)
-                    store.commit(staged, fingerprint)
+                    store.commit(staged, fingerprint, replace=force)  # readers see the old artifact or the new one
             else:
                 cached = True
+                _check_reusable(store, fingerprint)
     store.set_ref(plan.name, fingerprint, spec=str(Path(spec_path).resolve()), target=plan.target["name"])
     store.index[f"{TRAINING_KEY}{plan.name}"] = {"fingerprint": fingerprint, "lora": plan.lora, "train": plan.train}
     return Built(plan, store.artifact_path(fingerprint), cached, time.perf_counter() - started)
+
+
+FORCE_HINT = "'loadspec build' does not reuse it silently: pass --force (Python: build(..., force=True)) to rebuild it."
+
+
+def _check_reusable(store: Store, fingerprint: str) -> None:
+    """A cached artifact of another format, or one claiming a bitsandbytes that lacks its format, is not a cache hit."""
+    from .loader import IncompatibleArtifact, check_compatible
+
+    try:
+        check_compatible(store.artifact_path(fingerprint), store.manifest(fingerprint), runtime=False)
+    except IncompatibleArtifact as exc:
+        raise UsageError(f"{exc} {FORCE_HINT}") from None
+
+
+def _check_name_format(store: Store, name: str) -> None:
+    """The name's current artifact has another format version: a new build replaces it only when asked (--force)."""
+    from . import plan as plans
+
+    ref = store.ref(name)
+    fingerprint = ref.get("fingerprint") if isinstance(ref, dict) else None
+    if not isinstance(fingerprint, str) or not plans.parse_fingerprint(fingerprint) or not store.has(fingerprint):
+        return
+    try:
+        theirs = store.manifest(fingerprint).get("format_version")
+    except LoadspecError:
+        return
+    if theirs != plans.FORMAT_VERSION:
+        raise UsageError(f"{name!r} is artifact {fingerprint}, built in artifact format {theirs!r}; this loadspec writes format "
+                         f"{plans.FORMAT_VERSION}, so the artifact would change. {FORCE_HINT}")
 
 
 def _log_build(fingerprint: str, staged: Path) -> None:
@@ -102,14 +135,19 @@ def _log_build(fingerprint: str, staged: Path) -> None:
 
 
 def load(name_or_spec: str | Path, *, cache_dir: str | Path | None = None, device: str | None = None,
-         target: str | None = None, progress: bool = False, remote: str | None = None):
+         target: str | None = None, progress: bool = False, remote: str | None = None, verify: bool | None = None):
     """`(model, tokenizer)` for an artifact name, or for a spec file (built first if missing).
 
     `device` ("cpu", "cuda:0", …) overrides the plan's device map, e.g. to inspect a GPU
     artifact on a CPU machine. A name missing from the cache is pulled from `remote`
     (else $LOADSPEC_REMOTE) when one is configured.
+
+    Every load checks each file's size, the safetensors headers, and re-hashes any file whose
+    size, mtime or inode changed since it was last hashed; `verify=True` (or $LOADSPEC_VERIFY=1)
+    re-hashes every file, which also catches changes that kept the mtime (bit rot), at the cost
+    of reading the artifact twice.
     """
-    from .loader import check_files, load_artifact
+    from .loader import RECOVER, check_compatible, check_files, load_artifact
 
     store = Store(cache_dir)
     training = None  # the adapter and checkpointing this load asks for ({"lora", "train"})
@@ -128,8 +166,14 @@ def load(name_or_spec: str | Path, *, cache_dir: str | Path | None = None, devic
     folder = store.artifact_path(fingerprint)
     manifest = store.manifest(fingerprint)
     check_files(folder, manifest)
+    check_compatible(folder, manifest)
+    if verify is None:
+        verify = os.environ.get("LOADSPEC_VERIFY", "").strip().lower() in ("1", "true", "yes", "on")
+    problems = store.recheck(fingerprint, full=verify)
+    if problems:
+        raise LoadspecError(f"artifact {fingerprint} is damaged: {'; '.join(problems)}. {RECOVER}")
     plan = LoadPlan.from_json((folder / "plan.json").read_text())
-    device_map = {"": device} if device else plan.device_map
+    device_map = {"": device} if device else for_this_rank(plan.device_map)
     _check_devices(device_map)
     store.touch(fingerprint)
     if training is None:
@@ -194,6 +238,22 @@ def pull(name: str, *, remote: str | None = None, cache_dir: str | Path | None =
     from .remote import pull as pull_artifact
 
     return pull_artifact(name, remote=remote, cache_dir=cache_dir, workers=workers, progress=progress)
+
+
+def for_this_rank(device_map: dict) -> dict:
+    """Under torchrun (LOCAL_RANK set), each rank loads a full copy onto its own GPU.
+
+    A plan that fits one GPU is moved from cuda:0 to cuda:LOCAL_RANK; a plan spread over
+    several GPUs cannot be copied per rank and is refused with the fix.
+    """
+    rank = os.environ.get("LOCAL_RANK")
+    if rank is None or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device_map
+    gpus = {d for d in device_map.values() if str(d).startswith("cuda")}
+    if len(gpus) > 1:
+        raise UsageError(f"under torchrun each rank loads its own copy of the model, but this plan spreads it over {len(gpus)} GPUs. "
+                         "Plan for one GPU per rank ([target] gpu with count = 1), or run a single process.")
+    return {block: (f"cuda:{int(rank)}" if str(d).startswith("cuda") else d) for block, d in device_map.items()}
 
 
 def _check_devices(device_map: dict) -> None:

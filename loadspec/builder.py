@@ -5,7 +5,6 @@ visible by renaming it only after everything here has succeeded.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import queue
 import tempfile
@@ -23,10 +22,10 @@ from .errors import UsageError
 from .plan import LoadPlan
 from .shards import ShardWriter
 from .source import Source
+from .store import sha256_file
 
 QUANT_SUFFIXES = ("", ".absmax", ".quant_map")
 NESTED_SUFFIXES = (".nested_absmax", ".nested_quant_map")
-HASH_CHUNK = 8 * 1024 * 1024
 
 
 def write_artifact(plan: LoadPlan, source: Source, folder: Path, *, progress: bool = True) -> dict:
@@ -54,7 +53,9 @@ def write_tokenizer(plan: LoadPlan, source: Source, folder: Path) -> None:
             tok_dir = Path(tmp)
         fixes = plan.tokenizer
         # passed at load so that save_pretrained records it (a later attribute change is not saved)
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir, padding_side=fixes["padding_side"])
+        # the source's own Python code (auto_map) runs only when the spec says trust_remote_code = true
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, padding_side=fixes["padding_side"],
+                                                  trust_remote_code=bool(plan.source.get("trust_remote_code", False)))
     if fixes["pad_token"] not in tokenizer.get_vocab():
         raise UsageError(f"[tokenizer] pad_token {fixes['pad_token']!r} is not in the tokenizer's vocabulary; "
                          "use 'auto' or one of its special tokens " + str(tokenizer.all_special_tokens[:8]))
@@ -227,6 +228,14 @@ def _stream(source: Source, wanted: set[str]) -> Iterator[tuple[str, torch.Tenso
     for name in sorted(wanted):
         by_file.setdefault(source.tensors[name].file, []).append(name)
     for file, names in sorted(by_file.items()):
+        if file.endswith(".bin"):  # a pickle checkpoint the spec allowed ([model] allow_pickle); never unpickles code
+            from .source import load_pickle_weights
+
+            state = load_pickle_weights(source.path / file)
+            for name in names:
+                yield name, state.pop(name)
+            del state
+            continue
         yield from iter_file_tensors(source.path / file, names)
 
 
@@ -255,10 +264,3 @@ def _quantizer_name(plan: LoadPlan) -> str:
     return "bitsandbytes-cuda" if torch.cuda.is_available() else "loadspec.quant (bit-exact with bitsandbytes-cpu)"
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -1,6 +1,7 @@
 """The `loadspec` command. Parses arguments, calls the API, prints; no business logic."""
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 import time
@@ -23,6 +24,13 @@ def friendly(command):
         except LoadspecError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:  # a full or read-only disk the store did not already explain
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            click.echo(f"error: {exc.strerror}{where}. Free space or fix permissions there, or pick another cache "
+                       "with --cache-dir.", err=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing half-written was published; 'loadspec gc' clears leftovers.", err=True)
             sys.exit(130)
@@ -82,15 +90,16 @@ def build(spec, target, cache_dir, force, quiet):
 @click.option("--prompt", help="generate a reply to this prompt (chat template applied when the model has one)")
 @click.option("--max-new-tokens", default=64, show_default=True, help="length limit of the reply")
 @click.option("--device", help="load onto this device instead of the plan's (e.g. cpu, cuda:0)")
+@click.option("--verify", is_flag=True, help="re-hash every file first (default: only files changed since last hashed)")
 @friendly
-def load(name, cache_dir, prompt, max_new_tokens, device):
+def load(name, cache_dir, prompt, max_new_tokens, device, verify):
     """Load NAME (or a spec file) from the cache; run one forward pass, or answer --prompt."""
     import torch
 
     from .api import load as load_model
 
     started = time.perf_counter()
-    model, tokenizer = load_model(name, cache_dir=cache_dir, device=device)
+    model, tokenizer = load_model(name, cache_dir=cache_dir, device=device, verify=verify or None)
     click.echo(f"loaded {name} in {time.perf_counter() - started:.2f} s", err=True)
     device_of = next(model.parameters()).device
     if prompt is None:

@@ -19,16 +19,90 @@ from .errors import LoadspecError
 from .plan import LoadPlan, block_of
 
 
+RECOVER = "Rebuild it with 'loadspec build SPEC --force' or fetch it again with 'loadspec pull NAME'."
+MIN_BITSANDBYTES = (0, 41)  # the first bitsandbytes that stores a 4-bit QuantState beside its weight (our format)
+
+
 def check_files(folder: Path, manifest: dict) -> None:
-    """Cheap integrity check for every load: each listed file exists with its recorded size."""
-    for name, entry in manifest.get("files", {}).items():
+    """Cheap integrity check for every load: the manifest lists every file (and only plain names), and each
+    listed file exists with its recorded size."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise LoadspecError(f"artifact {folder.name} is damaged: manifest.json lists no files. {RECOVER}")
+    for name, entry in files.items():
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise LoadspecError(f"artifact {folder.name} is damaged: manifest.json lists {name!r}, which is not a plain "
+                                f"file name inside the artifact. {RECOVER}")
+        if not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or not isinstance(entry.get("sha256"), str):
+            raise LoadspecError(f"artifact {folder.name} is damaged: manifest.json entry {name!r} has no size and sha256. {RECOVER}")
         path = folder / name
         if not path.is_file():
-            raise LoadspecError(f"artifact {folder.name} is damaged: {name} is missing. "
-                                "Rebuild it with 'loadspec build SPEC --force' or fetch it again with 'loadspec pull'.")
+            raise LoadspecError(f"artifact {folder.name} is damaged: {name} is missing. {RECOVER}")
         if path.stat().st_size != entry["size"]:
             raise LoadspecError(f"artifact {folder.name} is damaged: {name} has {path.stat().st_size} bytes, the manifest says "
-                                f"{entry['size']}. Rebuild it with 'loadspec build SPEC --force' or fetch it again with 'loadspec pull'.")
+                                f"{entry['size']}. {RECOVER}")
+    unlisted = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != "manifest.json" and p.name not in files)
+    if unlisted:  # the loader reads every *.safetensors it finds: an unlisted one would go unchecked
+        raise LoadspecError(f"artifact {folder.name} is damaged: {', '.join(unlisted)} not listed in manifest.json. {RECOVER}")
+
+
+def check_compatible(folder: Path, manifest: dict, *, runtime: bool = True) -> None:
+    """Refuse an artifact this loadspec / bitsandbytes cannot read (another format version, a bitsandbytes
+    without the 4-bit serialization); says whether to upgrade or to rebuild with --force. `runtime`: also
+    check the installed bitsandbytes (a build reusing an artifact does not need it)."""
+    from importlib import metadata
+
+    from . import plan as plans
+
+    ours = plans.FORMAT_VERSION
+    theirs = manifest.get("format_version")
+    try:
+        planned = json.loads((folder / "plan.json").read_text())
+    except (OSError, ValueError):
+        planned = {}
+    if not isinstance(theirs, int) or isinstance(theirs, bool) or theirs != (planned.get("format_version") if isinstance(planned, dict) else None):
+        raise IncompatibleArtifact(f"artifact {folder.name}: manifest.json and plan.json disagree on the artifact format "
+                                   f"({theirs!r} vs {planned.get('format_version') if isinstance(planned, dict) else None!r}); "
+                                   f"it is damaged or not a loadspec artifact. {RECOVER}")
+    built_with = manifest.get("versions") if isinstance(manifest.get("versions"), dict) else {}
+    loadspec_version = built_with.get("loadspec", "unknown")
+    if theirs > ours:
+        raise IncompatibleArtifact(f"artifact {folder.name} uses artifact format {theirs} (written by loadspec {loadspec_version}); "
+                                   f"this loadspec reads format {ours}. Upgrade loadspec (pip install -U loadspec), or rebuild "
+                                   "it with this version: 'loadspec build SPEC --force'.")
+    if theirs < ours:
+        raise IncompatibleArtifact(f"artifact {folder.name} uses the older artifact format {theirs} (written by loadspec "
+                                   f"{loadspec_version}); this loadspec reads format {ours}. Rebuild it: 'loadspec build SPEC --force' "
+                                   "(or pull a copy built by this version).")
+    quant = planned.get("quant") or {}
+    if quant.get("method", "none") in ("nf4", "fp4"):
+        recorded = built_with.get("bitsandbytes", "")
+        if _version(recorded) and _version(recorded) < MIN_BITSANDBYTES:
+            raise IncompatibleArtifact(f"artifact {folder.name}: its manifest says it was built with bitsandbytes {recorded}, which "
+                                       f"predates the 4-bit format it claims (bitsandbytes >= {'.'.join(map(str, MIN_BITSANDBYTES))}); "
+                                       f"it cannot be trusted. {RECOVER}")
+        if not runtime:
+            return
+        try:
+            installed = metadata.version("bitsandbytes")
+        except metadata.PackageNotFoundError:
+            installed = ""
+        if not _version(installed) or _version(installed) < MIN_BITSANDBYTES:
+            have = f"bitsandbytes {installed} is installed" if installed else "bitsandbytes is not installed"
+            raise IncompatibleArtifact(f"artifact {folder.name} stores 4-bit ({quant['method']}) weights, but {have}; reading them "
+                                       f"needs bitsandbytes >= {'.'.join(map(str, MIN_BITSANDBYTES))}: pip install -U bitsandbytes.")
+
+
+class IncompatibleArtifact(LoadspecError):
+    """An artifact this installation cannot read (format or library versions)."""
+
+
+def _version(text) -> tuple[int, ...]:
+    """(0, 41) for "0.41.3"; () when unparseable ("not installed")."""
+    import re
+
+    match = re.match(r"(\d+)\.(\d+)", str(text))
+    return (int(match[1]), int(match[2])) if match else ()
 
 
 def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = None):
@@ -40,12 +114,14 @@ def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = Non
     # imported and the skeleton is built (seconds in a fresh process), and the tokenizer parses.
     with ThreadPoolExecutor(max_workers=2) as pool:
         stored = pool.submit(_read, folder, plan, device_map)
-        tokenizer = pool.submit(_tokenizer, folder)
+        tokenizer = pool.submit(_tokenizer, folder, plan)
         model = _skeleton(folder, plan)
         _assign(model, stored.result(), folder, plan)
         tokenizer = tokenizer.result()
     _place_buffers(model, device_map)
-    if len(set(device_map.values())) > 1:
+    if "cpu" in device_map.values() and len(set(device_map.values())) > 1:
+        _run_on_cpu(model, device_map)  # offload_embedding: the plan keeps one GPU beside it
+    elif len(set(device_map.values())) > 1:
         from accelerate import dispatch_model
 
         dispatch_model(model, device_map=device_map)
@@ -76,7 +152,14 @@ def _skeleton(folder: Path, plan: LoadPlan) -> nn.Module:
 
     config_dict = json.loads((folder / "config.json").read_text())
     quant_config = config_dict.pop("quantization_config", None)
-    config = arch.hf_config(config_dict)
+    try:
+        config = arch.hf_config(config_dict)
+    except (KeyError, ValueError) as exc:  # a model_type this transformers does not know
+        import transformers
+
+        raise IncompatibleArtifact(f"artifact {folder.name}: transformers {transformers.__version__} cannot build its model "
+                                   f"(model_type {config_dict.get('model_type')!r}: {exc}); it was built with transformers "
+                                   f"{plan.versions.get('transformers', 'unknown')}. Upgrade transformers.") from None
     dtype = getattr(torch, plan.dtype)
     with arch.skip_weight_init(), _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -84,15 +167,20 @@ def _skeleton(folder: Path, plan: LoadPlan) -> nn.Module:
         import bitsandbytes as bnb
         from transformers import BitsAndBytesConfig
 
+        int8 = plan.quant["method"] == "int8"
         for name in plan.quantized:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             old = getattr(parent, child)
+            if int8:
+                setattr(parent, child, bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=old.bias is not None,
+                                                           has_fp16_weights=False, threshold=plan.quant["threshold"], device="meta"))
+                continue
             setattr(parent, child, bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
                                                      compute_dtype=dtype, compress_statistics=plan.quant["double_quant"],
                                                      quant_type=plan.quant["method"], quant_storage=torch.uint8, device="meta"))
         model.config.quantization_config = BitsAndBytesConfig.from_dict(quant_config)
-        model.is_loaded_in_4bit = True
+        model.is_loaded_in_4bit, model.is_loaded_in_8bit = not int8, int8
         model.quantization_method = "bitsandbytes"
     if (folder / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(folder)
@@ -108,10 +196,11 @@ def _device_for(name: str, device_map: dict) -> torch.device:
     return torch.device(device_map.get(block, next(iter(device_map.values()))))
 
 
-def _tokenizer(folder: Path):
+def _tokenizer(folder: Path, plan: LoadPlan):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder)
+    # the source's own Python code runs only when the spec allowed it (recorded in the plan)
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=bool(plan.source.get("trust_remote_code", False)))
 
 
 def _read(folder: Path, plan: LoadPlan, device_map: dict) -> dict[str, torch.Tensor]:
@@ -125,7 +214,10 @@ def _read(folder: Path, plan: LoadPlan, device_map: dict) -> dict[str, torch.Ten
             return torch.device("cpu")  # a few hundred bytes of JSON, parsed on the host
         return _device_for(_quantized_owner(key, quantized) or key, device_map)
 
-    return read_tensors(sorted(folder.glob("*.safetensors")), place)
+    try:
+        return read_tensors(sorted(folder.glob("*.safetensors")), place)
+    except LoadspecError as exc:  # a header pointing outside its file, a file that ends early: never half-read weights
+        raise LoadspecError(f"artifact {folder.name} is damaged: {exc}. {RECOVER}") from None
 
 
 def _assign(model: nn.Module, stored: dict[str, torch.Tensor], folder: Path, plan: LoadPlan) -> None:
@@ -136,7 +228,9 @@ def _assign(model: nn.Module, stored: dict[str, torch.Tensor], folder: Path, pla
             continue  # tied to another parameter: re-tied below
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        if module_name in quantized and attr == "weight":
+        if module_name in quantized and attr == "weight" and plan.quant["method"] == "int8":
+            module.weight = _int8_params(name, stored)
+        elif module_name in quantized and attr == "weight":
             module.weight = _params4bit(name, stored, module, plan.quant["method"])
         else:
             tensor = stored[name]
@@ -175,12 +269,37 @@ def _params4bit(name: str, stored: dict, module: nn.Module, method: str):
                              quant_storage=packed.dtype, module=module, bnb_quantized=True)
 
 
+def _int8_params(name: str, stored: dict):
+    """A bitsandbytes Int8Params from the stored int8 rows and their float32 scales (no re-quantization)."""
+    import bitsandbytes as bnb
+
+    rows, scales = stored[name], stored.get(f"{name[: -len('.weight')]}.SCB")
+    if scales is None or rows.dtype != torch.int8 or scales.shape != rows.shape[:1]:
+        raise LoadspecError(f"int8 weight {name}: its SCB row scales are missing or do not match its {tuple(rows.shape)} rows. "
+                            "Rebuild the artifact with 'loadspec build SPEC --force'.")
+    return bnb.nn.Int8Params(rows, requires_grad=False, has_fp16_weights=False, CB=rows, SCB=scales)
+
+
 def _quantized_owner(key: str, quantized: set[str]) -> str | None:
     """The 4-bit weight a stored key belongs to ('x.weight' for 'x.weight.absmax'), if any."""
     head, sep, _ = key.partition(".weight")
     if sep and head in quantized:
         return head + ".weight"
     return None
+
+
+def _run_on_cpu(model: nn.Module, device_map: dict) -> None:
+    """Blocks mapped to "cpu" next to one GPU (offload_embedding) compute on the CPU: their inputs move
+    there and their outputs move to the GPU. No accelerate hooks: those would stream the weights to the GPU."""
+    gpus = sorted({d for d in device_map.values() if d != "cpu"})
+    if len(gpus) != 1:
+        raise LoadspecError(f"a device map with CPU blocks needs exactly one GPU beside them, got {gpus}.")
+    gpu = torch.device(gpus[0])
+    for block, device in device_map.items():
+        if device == "cpu" and block:
+            module = model.get_submodule(block)
+            module.register_forward_pre_hook(lambda _m, args: tuple(a.to("cpu") if torch.is_tensor(a) else a for a in args))
+            module.register_forward_hook(lambda _m, _args, out: out.to(gpu, non_blocking=True))
 
 
 def _place_buffers(model: nn.Module, device_map: dict) -> None:

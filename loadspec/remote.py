@@ -37,7 +37,7 @@ import attrs
 from .errors import LoadspecError, UsageError
 from .plan import parse_fingerprint
 from .spec import NAME_PATTERN
-from .store import Store, locks_enabled
+from .store import Store, disk_errors, locks_enabled, sha256_file
 
 REMOTE_ENV = "LOADSPEC_REMOTE"
 S3_ENDPOINT_ENVS = ("LOADSPEC_S3_ENDPOINT", "AWS_ENDPOINT_URL")
@@ -286,11 +286,13 @@ class FsRemote(Remote):
 
 def fetch_file(remote: FsRemote, relative: str, blob: Path, entry: dict, bar) -> None:
     """Download one file into `blob` (named by its sha256) while hashing; keep it only if it matches."""
-    blob.parent.mkdir(parents=True, exist_ok=True)
+    with disk_errors(blob.parent, "download into"):
+        blob.parent.mkdir(parents=True, exist_ok=True)
     part = blob.with_name(f".{blob.name}.{uuid.uuid4().hex[:8]}.part")
     digest, size = hashlib.sha256(), 0
     try:
-        with remote._errors(f"download {relative}"):
+        # a full or read-only local disk is said as such, not blamed on the remote
+        with remote._errors(f"download {relative}"), disk_errors(blob.parent, "download into"):
             try:
                 src = remote.fs.open(remote._path(relative), "rb", block_size=CHUNK)
             except FileNotFoundError:
@@ -489,14 +491,6 @@ class _Bar:
             self._bar.close()
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def push(name: str, *, remote: str | None = None, cache_dir: str | Path | None = None, workers: int = DEFAULT_WORKERS,
          progress: bool = True) -> Transfer:
     """Upload NAME's artifact (files, then manifest.json, then refs/NAME.json) to the remote.
@@ -568,7 +562,8 @@ def pull(name: str, *, remote: str | None = None, cache_dir: str | Path | None =
 
 def _fetch(store: Store, source: Remote, fingerprint: str, workers: int, progress: bool, name: str) -> tuple[int, int, int]:
     resume = store.tmp / f"{fingerprint}{PULL_SUFFIX}"
-    resume.mkdir(exist_ok=True)
+    with disk_errors(store.root):
+        resume.mkdir(exist_ok=True)
     if locks_enabled():  # we hold the lock: any partial file is a leftover of a killed pull
         for stale in resume.glob(".*.part"):
             stale.unlink(missing_ok=True)

@@ -125,7 +125,7 @@ def _resolve_weights(model: ModelSection) -> Source:
     else:
         path = Path(location).expanduser()
     if path.exists():
-        return _from_gguf(location, path) if path.is_file() else _from_folder("local", location, path, "")
+        return _from_gguf(location, path) if path.is_file() else _from_folder("local", location, path, "", model.allow_pickle)
     if location.startswith(("/", ".", "~", "package:")) or location.count("/") != 1:
         raise UsageError(f"model source {location!r} does not exist. Give an existing folder, a .gguf file, or a hub id like 'org/name'.")
     return _from_hub(model, location)
@@ -143,18 +143,26 @@ def _package_file(location: str) -> Path:
     return path
 
 
-def _from_folder(kind: str, location: str, folder: Path, revision: str) -> Source:
+def _from_folder(kind: str, location: str, folder: Path, revision: str, allow_pickle: bool = False) -> Source:
     config_file = folder / "config.json"
     if not config_file.exists():
         raise UsageError(f"{folder} has no config.json, so it is not a Hugging Face model folder.")
     files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        pickled = [name for name in PICKLE_WEIGHTS if (folder / name).exists()]
-        hint = (f" It has {pickled[0]}, a pickle file: loadspec never unpickles weights. Convert it to safetensors "
-                "first (transformers: model.save_pretrained(dir, safe_serialization=True)).") if pickled else ""
+    pickles = [] if files else sorted(folder.glob("pytorch_model*.bin"))
+    if not files and not (allow_pickle and pickles):
+        pickled = [name for name in PICKLE_WEIGHTS if (folder / name).exists()] or [p.name for p in pickles]
+        hint = (f" It has {pickled[0]}, a pickle file, which can run code when unpickled: loadspec reads it only if the "
+                "spec says [model] allow_pickle = true (then through torch.load(weights_only=True), which refuses code), "
+                "or convert it to safetensors first (transformers: model.save_pretrained(dir)).") if pickled else ""
         raise UsageError(f"{folder} has no .safetensors weights.{hint}")
     tensors: dict[str, TensorInfo] = {}
     digest = hashlib.sha256(config_file.read_bytes())
+    for file in pickles:  # only with allow_pickle, and only when there is no safetensors copy
+        stat = file.stat()
+        shapes = {name: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in load_pickle_weights(file).items()}
+        digest.update(f"pickle:{file.name}:{stat.st_size}:{revision or stat.st_mtime_ns}".encode())
+        digest.update(json.dumps(shapes, sort_keys=True).encode())
+        tensors.update({name: TensorInfo(shape, dtype, file.name) for name, (shape, dtype) in shapes.items()})
     for file in files:
         header = read_safetensors_header(file)
         stat = file.stat()
@@ -189,7 +197,8 @@ def _from_hub(model: ModelSection, repo_id: str) -> Source:
 
     token = os.environ.get(model.token_env) or None
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    patterns = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", *TOKENIZER_FILES]
+    patterns = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", *TOKENIZER_FILES,
+                *(["pytorch_model*.bin", "pytorch_model.bin.index.json"] if model.allow_pickle else [])]
     try:
         folder = Path(snapshot_download(repo_id, revision=model.revision, token=token, allow_patterns=patterns, local_files_only=offline))
     except GatedRepoError:
@@ -204,7 +213,31 @@ def _from_hub(model: ModelSection, repo_id: str) -> Source:
         where = "HF_HUB_OFFLINE=1 is set and " if offline else "the hub cannot be reached and "
         raise UsageError(f"{where}{repo_id}@{model.revision} is not in the local hub cache. Download it on a machine "
                          f"with network (huggingface-cli download {repo_id}), or use 'loadspec pull'.") from None
-    return _from_folder("hub", repo_id, folder, revision=folder.name)
+    return _from_folder("hub", repo_id, folder, revision=folder.name, allow_pickle=model.allow_pickle)
+
+
+def load_pickle_weights(path: Path) -> dict:
+    """The tensors of a pickle checkpoint (pytorch_model.bin), memory-mapped, through torch.load(weights_only=True):
+    its restricted unpickler builds tensors and plain containers only, never calls arbitrary code."""
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format cannot be mapped
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{path}: refused to read this pickle checkpoint: torch.load(weights_only=True) found something other "
+                         f"than plain tensors ({first}). It may run code when unpickled; convert it to safetensors on a "
+                         "machine where you trust it, or use another copy of the weights.") from None
+    if not isinstance(state, dict):
+        raise UsageError(f"{path} holds a {type(state).__name__}, not a state dict of tensors.")
+    return {name: value for name, value in state.items() if isinstance(name, str) and isinstance(value, torch.Tensor)}
 
 
 def read_safetensors_header(path: Path) -> dict:

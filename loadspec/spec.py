@@ -18,12 +18,11 @@ from .errors import Problem, SpecError, did_you_mean
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 GPU_PROFILES = ("auto", "cpu", "h200", "h100", "a100", "a10g", "l40s", "l4", "rtx4090", "rtx3090", "t4", "v100")
-LATER_SECTIONS: dict[str, str] = {}  # section -> "not supported yet" message
 # peft / unsloth spellings of [lora] keys -> loadspec's, for the "unknown key" message
 KEY_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "rank": "r", "init_lora_weights": "init",
                "seed": "random_state", "target": "target_modules", "use_gradient_checkpointing": "gradient_checkpointing"}
+CHAT_TEMPLATE_NAMES = ("chatml", "llama3")  # built-in [tokenizer] chat_template names (texts in plan.CHAT_TEMPLATES)
 TARGET_SETS = ("attention", "attention+mlp", "all-linear")  # [lora] target_modules keywords
-LATER_QUANTS = {"int8": "8-bit (LLM.int8) loading", "fp8": "fp8 loading"}
 
 
 def _field(default=attrs.NOTHING, *, kind: str, help: str, choices: tuple = ()):
@@ -36,6 +35,7 @@ class ModelSection:
     revision: str = _field("main", kind="str", help="hub branch, tag or commit; pinned to a commit in the plan")
     token_env: str = _field("HF_TOKEN", kind="str", help="name of the environment variable holding a hub token (never the token)")
     trust_remote_code: bool = _field(False, kind="bool", help="allow the source's own Python code; recorded in the plan")
+    allow_pickle: bool = _field(False, kind="bool", help="accept a pickle-only checkpoint (pytorch_model*.bin): read with torch.load(weights_only=True), which refuses code")
     adapter: str = _field("", kind="str", help="an existing peft LoRA adapter folder (adapter_config.json) to attach to the source")
     adapter_trainable: bool = _field(False, kind="bool", help="load that adapter trainable (resume training) instead of frozen")
 
@@ -44,10 +44,14 @@ class ModelSection:
 class LoadSection:
     max_seq_length: int = _field(0, kind="int", help="longest sequence you will train on; 0 = the model's own context. Longer than the model's context -> RoPE scaling")
     dtype: str = _field("auto", kind="str", help="compute dtype", choices=("auto", "bfloat16", "float16", "float32"))
-    quant: str = _field("nf4", kind="str", help="weight format: 4-bit NormalFloat, 4-bit float, or 16-bit", choices=("nf4", "fp4", "none"))
+    quant: str = _field("nf4", kind="str", help="weight format: 4-bit NormalFloat, 4-bit float, 8-bit LLM.int8, fp8 (refused at plan time: not supported yet), or 16-bit", choices=("nf4", "fp4", "int8", "fp8", "none"))
     double_quant: bool = _field(True, kind="bool", help="also quantize the 4-bit block scales (saves ~0.4 bit/weight)")
     skip_modules: tuple[str, ...] = _field((), kind="strlist", help="module names kept unquantized, beyond the family's own list")
-    device_map: str = _field("sequential", kind="str", help="how layers are spread over the target's GPUs", choices=("sequential", "balanced"))
+    device_map: Any = _field("sequential", kind="device_map", help="'sequential' (fill GPU 0 first), 'balanced', or a table of block -> device, e.g. {\"model.embed_tokens\" = \"cuda:0\", \"model.layers\" = \"cuda:1\"} (a key covers the blocks it prefixes)")
+    max_memory: Any = _field(None, kind="max_memory", help="memory each device may hold for weights, e.g. {\"cuda:0\" = \"20GiB\", \"cuda:1\" = \"40GiB\"}; replaces the target's per-GPU budget")
+    rope_scaling: Any = _field(None, kind="table", help="an explicit RoPE table written into config.json as given, e.g. {rope_type = \"yarn\", factor = 8.0, original_max_position_embeddings = 32768}; needed beyond 4x")
+    full_finetuning: bool = _field(False, kind="bool", help="train every weight: 16-bit weights (quant defaults to \"none\"), all parameters trainable; no [lora]")
+    offload_embedding: bool = _field(False, kind="bool", help="keep the input embedding in CPU memory (GPU targets); saves its GPU memory")
 
 
 @attrs.frozen
@@ -59,7 +63,7 @@ class TargetSection:
 class TokenizerSection:
     pad_token: str = _field("auto", kind="str", help="'auto' keeps the pad token or reuses unk, else eos; or a token string already in the vocabulary")
     padding_side: str = _field("right", kind="str", help="side padding goes on", choices=("right", "left"))
-    chat_template: str = _field("", kind="str", help="a Jinja chat template replacing the model's own; empty keeps it")
+    chat_template: str = _field("", kind="str", help="a built-in template name (chatml, llama3) or a Jinja chat template replacing the model's own; empty keeps it")
 
 
 @attrs.frozen
@@ -134,8 +138,6 @@ def parse_spec(text: str, path: str = "<spec>") -> Spec:
                 problems.append(Problem(key, f"must be a table, got {_type_name(table)}", lines.get(key), f"write it as [{key}] followed by its keys"))
                 continue
             sections[key] = _bind(SECTIONS[key], table, key, lines, problems)
-        elif key in LATER_SECTIONS:
-            problems.append(Problem(key, LATER_SECTIONS[key], lines.get(key), f"remove the [{key}] section"))
         else:
             problems.append(Problem(key, "unknown top-level key" + did_you_mean(key, [*SECTIONS, "name"]), lines.get(key),
                                     "top-level keys are: name, " + ", ".join(f"[{s}]" for s in SECTIONS)))
@@ -189,10 +191,46 @@ def _check_value(key: str, value: Any, meta: dict) -> tuple[str, str]:
         return f"must be a list of strings, got {_type_name(value)}", f'write {key} = ["lm_head"]'
     if kind == "gpu":
         return _check_gpu(value)
+    if kind == "device_map":
+        return _check_device_map(key, value)
+    if kind == "max_memory":
+        return _check_max_memory(key, value)
+    if kind == "table" and not (isinstance(value, dict) and value):
+        return f"must be a non-empty table, got {_type_name(value)}", f'write {key} = {{rope_type = "yarn", factor = 4.0, original_max_position_embeddings = 32768}}'
     if choices and value not in choices:
-        if key == "quant" and value in LATER_QUANTS:
-            return f"{LATER_QUANTS[value]} is not supported by this loadspec version yet", f"use one of: {', '.join(choices)}"
         return f"{value!r} is not one of {', '.join(choices)}." + did_you_mean(value, choices), f"use one of: {', '.join(choices)}"
+    return "", ""
+
+
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda:\d+)$")
+
+
+def _check_device_map(key: str, value: Any) -> tuple[str, str]:
+    strategies = ("sequential", "balanced")
+    if isinstance(value, str):
+        if value in strategies:
+            return "", ""
+        return f"{value!r} is not one of {', '.join(strategies)}." + did_you_mean(value, strategies), "use sequential, balanced, or a table"
+    if not isinstance(value, dict) or not value:
+        return f"must be sequential, balanced or a non-empty table, got {_type_name(value)}", f'write {key} = "sequential"'
+    bad = [f"{block} = {device!r}" for block, device in value.items() if not (isinstance(device, str) and DEVICE_PATTERN.match(device))]
+    if bad:
+        return f"devices must be \"cpu\" or \"cuda:N\": {', '.join(bad)}", f'write {key} = {{"model.layers" = "cuda:0"}}'
+    return "", ""
+
+
+def _check_max_memory(key: str, value: Any) -> tuple[str, str]:
+    from .hardware import parse_memory
+
+    if not isinstance(value, dict) or not value:
+        return f"must be a non-empty table, got {_type_name(value)}", f'write {key} = {{"cuda:0" = "20GiB"}}'
+    for device, amount in value.items():
+        if not DEVICE_PATTERN.match(device) or device == "cpu":
+            return f"{device!r} is not a GPU name", 'name GPUs as "cuda:0", "cuda:1", …'
+        try:
+            parse_memory(amount)
+        except ValueError as exc:
+            return f"{device}: {exc}", 'write sizes like "20GiB"'
     return "", ""
 
 
@@ -287,11 +325,34 @@ def _check_gpu(value: Any) -> tuple[str, str]:
 def _check_combinations(data: dict, sections: dict, lines: dict, problems: list[Problem]) -> None:
     load_table = data.get("load", {})
     load = sections.get("load") or LoadSection()
-    if load.quant == "none":
-        for key in ("double_quant", "skip_modules"):
+    if load.full_finetuning:
+        if "quant" not in load_table:
+            load = sections["load"] = attrs.evolve(load, quant="none")  # full fine-tuning is 16-bit unless asked otherwise
+        elif load.quant != "none":
+            problems.append(Problem("load.full_finetuning", f"full fine-tuning trains every weight, but quant = \"{load.quant}\" stores "
+                                    "them quantized, and quantized weights cannot take gradient updates", lines.get("load.quant"),
+                                    "remove quant (full fine-tuning loads 16-bit weights), or set full_finetuning = false and add "
+                                    "a [lora] section to train an adapter on the quantized model"))
+        for section in ("lora",):
+            if section in sections:
+                problems.append(Problem("load.full_finetuning", "full fine-tuning trains the model itself, so a new [lora] adapter "
+                                        "would only freeze it again", lines.get(section), "remove [lora], or set full_finetuning = false"))
+        model = sections.get("model")
+        if model is not None and model.adapter.strip():
+            problems.append(Problem("load.full_finetuning", "full fine-tuning and an existing [model] adapter cannot be combined",
+                                    lines.get("model.adapter"), "merge the adapter into the model first, or set full_finetuning = false"))
+    if load.quant in ("none", "int8", "fp8"):
+        for key in ("double_quant",) + (("skip_modules",) if load.quant == "none" else ()):
             if key in load_table:
-                problems.append(Problem(f"load.{key}", f"applies only to 4-bit quantization, but quant = \"none\"", lines.get(f"load.{key}"),
-                                        f"remove {key}, or set quant = \"nf4\""))
+                fix = "remove it" + (", or set quant = \"nf4\"" if load.quant == "none" else "")
+                problems.append(Problem(f"load.{key}", f"applies only to {'4-bit ' if key == 'double_quant' else ''}quantization, but "
+                                        f"quant = \"{load.quant}\"", lines.get(f"load.{key}"), fix))
+    tokenizer = sections.get("tokenizer")
+    if tokenizer is not None and tokenizer.chat_template and "{" not in tokenizer.chat_template \
+            and tokenizer.chat_template not in CHAT_TEMPLATE_NAMES:
+        problems.append(Problem("tokenizer.chat_template", f"{tokenizer.chat_template!r} is neither a built-in template "
+                                f"({', '.join(CHAT_TEMPLATE_NAMES)}) nor a Jinja template." + did_you_mean(tokenizer.chat_template, CHAT_TEMPLATE_NAMES),
+                                lines.get("tokenizer.chat_template"), f"use one of: {', '.join(CHAT_TEMPLATE_NAMES)}, or write the Jinja text"))
     model = sections.get("model")
     if model is not None and not model.source.strip():
         problems.append(Problem("model.source", "is empty", lines.get("model.source"), 'write source = "org/name" or a local path'))
@@ -316,7 +377,7 @@ def _key_lines(text: str) -> dict[str, int]:
     """Map 'section.key' (and 'section', and top-level 'key') to its 1-based line."""
     lines: dict[str, int] = {}
     section = ""
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(text.split("\n"), start=1):  # TOML's lines (splitlines also breaks at U+2028, \x85, ...)
         line = raw.strip()
         header = re.match(r"^\[\s*([A-Za-z0-9_.\-]+)\s*\]", line)
         if header:

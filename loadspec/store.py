@@ -12,9 +12,12 @@ either sees a whole artifact or none. Locks never decide correctness.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -41,6 +44,27 @@ LOCKLESS_GRACE_SECONDS = 6 * 3600  # without locks, gc spares tmp folders touche
 def locks_enabled() -> bool:
     """False when $LOADSPEC_NO_LOCKS=1: concurrent builders may then duplicate work, never publish a partial artifact."""
     return os.environ.get(NO_LOCKS_ENV, "").strip().lower() not in ("1", "true", "yes", "on")
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+@contextlib.contextmanager
+def disk_errors(root: Path, what: str = "write to") -> Iterator[None]:
+    """Turn "disk full" and "not writable" OSErrors on files under `root` into one clear LoadspecError naming `root`."""
+    try:
+        yield
+    except OSError as exc:
+        name = exc.filename
+        inside = name is None or not isinstance(name, (str, os.PathLike)) or os.path.realpath(name).startswith(str(root))
+        if not inside or exc.errno not in DISK_FULL + NOT_WRITABLE:
+            raise
+        why = ("the disk is full (no space left on device)" if exc.errno in DISK_FULL
+               else f"it is not writable ({exc.strerror})")
+        raise LoadspecError(f"cannot {what} the cache directory {root}: {why}. Nothing half-written was published. "
+                            + ("Free some space there" if exc.errno in DISK_FULL else "Fix its permissions")
+                            + ", or pick another cache with --cache-dir or $LOADSPEC_CACHE.") from None
 
 
 @attrs.frozen
@@ -86,7 +110,7 @@ class Store:
     @property
     def index(self):
         if self._index is None:
-            self._index = _open_index(self.root / "index")
+            self._index = _Index(self.root / "index")
         return self._index
 
     # artifacts ---------------------------------------------------------------
@@ -94,29 +118,88 @@ class Store:
         return self.artifacts / fingerprint
 
     def has(self, fingerprint: str) -> bool:
+        if not isinstance(fingerprint, str) or not fingerprint or "/" in fingerprint or fingerprint in (".", ".."):
+            return False  # not a name inside artifacts/ (a damaged or tampered index)
         return (self.artifact_path(fingerprint) / "manifest.json").is_file()
 
     @contextlib.contextmanager
     def staging(self, fingerprint: str) -> Iterator[Path]:
         """A fresh private folder to build into; removed if the block fails (or is interrupted)."""
         folder = self.tmp / f"{fingerprint}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        folder.mkdir()
+        with disk_errors(self.root):
+            folder.mkdir()
         try:
-            yield folder
+            with disk_errors(self.root):
+                yield folder
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
 
-    def commit(self, staged: Path, fingerprint: str) -> Path:
-        """Atomically publish a finished staging folder; if another build won the race, keep theirs."""
+    def commit(self, staged: Path, fingerprint: str, *, replace: bool = False) -> Path:
+        """Atomically publish a finished staging folder; if another build won the race, keep theirs.
+
+        `replace` (a forced rebuild): the old artifact is renamed away and the new one renamed in
+        straight after, so readers see one or the other; the old one is deleted only then.
+        """
         final = self.artifact_path(fingerprint)
+        doomed = None
+        if replace and final.exists():
+            doomed = self.tmp / f"deleting.{fingerprint}.{uuid.uuid4().hex[:8]}"
+            os.rename(final, doomed)
         try:
             os.rename(staged, final)
         except OSError:
-            if not self.has(fingerprint):
+            if doomed is not None:
+                os.rename(doomed, final)  # put the old one back rather than leave nothing
+            if not self.has(fingerprint) or doomed is not None:
                 raise
             shutil.rmtree(staged, ignore_errors=True)
+        else:
+            self.stamp(fingerprint)
+        if doomed is not None:
+            shutil.rmtree(doomed, ignore_errors=True)
         return final
+
+    # integrity between loads ---------------------------------------------------
+    # A load checks every file's size (cheap); a changed byte of the same size needs a re-hash.
+    # Re-hashing on every load would read every artifact twice, so the index remembers each
+    # file's (size, mtime, inode) when its sha256 was last checked (at commit: just hashed by the
+    # build or pull), and a load re-hashes exactly the files whose stat changed since. What this
+    # cannot see is a change that keeps size and mtime (bit rot, deliberate mtime restores):
+    # `loadspec verify`, or load(verify=True) / LOADSPEC_VERIFY=1, re-hashes everything.
+    def _stats(self, fingerprint: str, names) -> dict[str, list[int]]:
+        folder = self.artifact_path(fingerprint)
+        stats = {}
+        for name in names:
+            with contextlib.suppress(OSError):
+                st = (folder / name).stat()
+                stats[name] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        return stats
+
+    def stamp(self, fingerprint: str) -> None:
+        """Remember the stat of every listed file of a just-verified artifact."""
+        with contextlib.suppress(LoadspecError):
+            self.index[f"stamp:{fingerprint}"] = self._stats(fingerprint, self.manifest(fingerprint).get("files", {}))
+
+    def recheck(self, fingerprint: str, *, full: bool = False) -> list[str]:
+        """Re-hash the files changed since their last check (all with `full`); returns the problems found."""
+        listed = self.manifest(fingerprint).get("files", {})
+        folder = self.artifact_path(fingerprint)
+        known = {} if full else (self.index.get(f"stamp:{fingerprint}") or {})
+        now = self._stats(fingerprint, listed)
+        problems = []
+        for name, entry in sorted(listed.items()):
+            if name in now and now[name] == known.get(name):
+                continue
+            if name not in now:
+                problems.append(f"{name}: missing")
+            elif now[name][0] != entry.get("size"):
+                problems.append(f"{name}: size {now[name][0]} bytes, manifest says {entry.get('size')}")
+            elif sha256_file(folder / name) != entry.get("sha256"):
+                problems.append(f"{name}: contents changed (sha256 differs from the manifest)")
+        if not problems and now != known:
+            self.index[f"stamp:{fingerprint}"] = now
+        return problems
 
     def delete_artifact(self, fingerprint: str) -> None:
         """Remove an artifact (atomically gone for readers) to make room for a forced rebuild."""
@@ -129,7 +212,9 @@ class Store:
         if not locks_enabled():
             yield
             return
-        with open(self.locks / f"{fingerprint}.lock", "a+") as handle:
+        with disk_errors(self.root):
+            handle = open(self.locks / f"{fingerprint}.lock", "a+")
+        with handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -143,7 +228,8 @@ class Store:
         except FileNotFoundError:
             raise LoadspecError(f"artifact {fingerprint} is not in the cache {self.root}.") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise LoadspecError(f"artifact {fingerprint}: manifest.json is damaged ({exc}). Rebuild it with 'loadspec build --force'.") from None
+            raise LoadspecError(f"artifact {fingerprint}: manifest.json is damaged ({exc}). Rebuild it with 'loadspec build SPEC "
+                                "--force' or fetch it again with 'loadspec pull NAME'.") from None
 
     # names -------------------------------------------------------------------
     def set_ref(self, name: str, fingerprint: str, *, spec: str = "", target: str = "") -> None:
@@ -161,12 +247,19 @@ class Store:
 
     def resolve_name(self, name: str) -> str:
         """The fingerprint a name points to, or a UsageError saying how to build it."""
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise UsageError(f"{name!r} is not an artifact name (letters, digits, '.', '_', '-', starting with a letter "
+                             "or digit); names never contain paths.")
         entry = self.ref(name)
         if entry is None:
             known = ", ".join(self.refs()) or "none yet"
             raise UsageError(f"no artifact named {name!r} in {self.root} (known: {known}). "
                              f"Build it with 'loadspec build SPEC.toml', or fetch it with 'loadspec pull {name}'.")
-        return entry["fingerprint"]
+        fingerprint = entry.get("fingerprint") if isinstance(entry, dict) else None
+        if not isinstance(fingerprint, str) or not _FINGERPRINT.fullmatch(fingerprint):
+            raise LoadspecError(f"the cache index {self.root / 'index'} maps {name!r} to {fingerprint!r}, which is not a "
+                                f"fingerprint (damaged index); nothing was touched. Run 'loadspec build SPEC --force' for it.")
+        return fingerprint
 
     def touch(self, fingerprint: str) -> None:
         """Record that an artifact was just used (for `ls` and `gc`)."""
@@ -184,8 +277,6 @@ class Store:
 
     def verify(self, fingerprint: str) -> list[str]:
         """Re-hash every file against the manifest; returns the problems found (empty if sound)."""
-        from .builder import sha256_file
-
         folder = self.artifact_path(fingerprint)
         problems = []
         manifest = self.manifest(fingerprint)
@@ -291,10 +382,62 @@ class Store:
             return
         doomed = self.tmp / f"deleting.{path.name}.{uuid.uuid4().hex[:8]}"
         os.rename(path, doomed)
+        if path.parent == self.artifacts:
+            self.index.pop(f"stamp:{path.name}", None)
         shutil.rmtree(doomed, ignore_errors=True)
 
 
+HASH_CHUNK = 8 * 1024 * 1024
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 _indexes: dict[Path, object] = {}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # spec.NAME_PATTERN (spec imports nothing from here)
+_FINGERPRINT = re.compile(r"[0-9a-f]{24}")
+
+
+class _Index:
+    """The diskcache index, with SQLite's "disk full" and "read-only" errors said in words that name the folder."""
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._cache = self._call(_open_index, path)
+
+    def _call(self, fn, *args):
+        import sqlite3
+
+        try:
+            return fn(*args)
+        except sqlite3.OperationalError as exc:
+            full = "full" in str(exc)
+            why = "the disk is full" if full else f"it is not writable or readable ({exc})"
+            raise LoadspecError(f"cannot use the cache index {self._path}: {why}. "
+                                + ("Free some space there" if full else "Fix the cache directory's permissions (or mount)")
+                                + ", or pick another cache with --cache-dir or $LOADSPEC_CACHE.") from None
+
+    def __getattr__(self, name):
+        attr = getattr(self._cache, name)
+        return (lambda *args, **kwargs: self._call(lambda: attr(*args, **kwargs))) if callable(attr) else attr
+
+    def __getitem__(self, key):
+        return self._call(self._cache.__getitem__, key)
+
+    def __setitem__(self, key, value):
+        self._call(self._cache.__setitem__, key, value)
+
+    def __delitem__(self, key):
+        self._call(self._cache.__delitem__, key)
+
+    def __contains__(self, key):
+        return self._call(self._cache.__contains__, key)
 
 
 def _open_index(path: Path):

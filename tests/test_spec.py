@@ -113,11 +113,6 @@ def test_unknown_gpu_profile_and_bad_table():
     assert "capability" in found[0].message
 
 
-def test_later_quant_modes_are_named():
-    found, _ = problems('name = "x"\n[model]\nsource = "a/b"\n[load]\nquant = "int8"\n')
-    assert "8-bit" in found[0].message and "not supported" in found[0].message
-
-
 def test_bad_name_rejected():
     found, _ = problems('name = "../escape"\n[model]\nsource = "a/b"\n')
     assert found[0].key == "name"

@@ -1,0 +1,197 @@
+"""Load options users know from FastLanguageModel.from_pretrained / transformers + bitsandbytes.
+
+README_ROWS maps each FastLanguageModel parameter that has a loadspec spec key to the test(s)
+covering it here or elsewhere (the README's "From FastLanguageModel" table names the same tests).
+"""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+import loadspec
+from loadspec.errors import SpecError, UsageError
+from loadspec.hardware import GIB, profile
+from loadspec.plan import resolve
+from loadspec.spec import parse_spec
+from tests.test_plan import LLAMA_8B, TINY_MISTRAL, source_for
+
+README_ROWS = {
+    "model_name": "tests/test_pipeline.py::test_build_load_matches_transformers",
+    "max_seq_length": "tests/test_rope.py",
+    "dtype": "tests/test_plan.py::test_dtype_follows_capability",
+    "load_in_4bit": "tests/test_pipeline.py::test_build_load_matches_transformers",
+    "load_in_8bit": "tests/test_options.py::test_int8_build_load_matches_transformers",
+    "load_in_16bit": "tests/test_pipeline.py::test_build_load_matches_transformers",
+    "full_finetuning": "tests/test_options.py::test_full_finetuning_loads_16bit_and_trains_every_weight",
+    "token": "tests/test_hub_source.py::test_token_read_from_env_and_never_written",
+    "device_map": "tests/test_plan.py::test_device_map_spills_to_second_gpu_and_refuses_when_too_big",
+    "rope_scaling": "tests/test_rope.py::test_override_honoured_exactly_beyond_4x",
+    "trust_remote_code": "tests/test_options.py::test_trust_remote_code_recorded_not_in_fingerprint",
+    "use_gradient_checkpointing": "tests/test_checkpointing.py",
+    "revision": "tests/test_hub_source.py::test_offline_revision_pinned_to_commit",
+    "offload_embedding": "tests/test_options.py::test_offload_embedding_plans_embedding_on_cpu",
+    "load_in_fp8": "tests/test_options.py::test_fp8_refused_with_capability_or_not_supported",
+    "random_state": "tests/test_lora.py",
+    "fix_tokenizer": "tests/test_pipeline.py::test_tokenizer_fixes_applied",
+    "float32_mixed_precision": "tests/test_plan.py::test_dtype_follows_capability",
+    "quantization_config": "tests/test_options.py::test_prequantized_source_refused_with_fix",
+}
+
+
+def plan_for(load="", config=TINY_MISTRAL, target="cpu", extra=""):
+    spec = parse_spec(f'name = "t"\n[model]\nsource = "/models/x"\n{extra}[load]\n{load}')
+    return resolve(spec, profile(target), source_for(config))
+
+
+def logits(model, tokenizer):
+    ids = tokenizer("What is the capital of France? Paris is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_readme_rows_name_real_tests():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    for parameter, test in README_ROWS.items():
+        path, _, name = test.partition("::")
+        assert (root / path).is_file(), test
+        assert not name or f"def {name}(" in (root / path).read_text(), test
+        assert f"| `{parameter}`" in readme, f"README lacks a row for {parameter}"
+
+
+def test_int8_build_load_matches_transformers(checkpoint, write_spec, tmp_path):
+    import bitsandbytes as bnb
+
+    folder = checkpoint("llama")
+    built = loadspec.build(write_spec(folder, name="i8", load={"quant": "int8"}), cache_dir=tmp_path, progress=False)
+    assert "int8 (LLM.int8" in dict(built.plan.reasons)["quant"]
+    config = json.loads((built.path / "config.json").read_text())["quantization_config"]
+    assert config["load_in_8bit"] and not config["load_in_4bit"] and config["llm_int8_threshold"] == 6.0
+    with safe_open(next(built.path.glob("*.safetensors")), framework="pt") as handle:  # transformers' 8-bit layout
+        q = "model.layers.0.self_attn.q_proj"
+        assert handle.get_tensor(f"{q}.weight").dtype == torch.int8
+        scb = handle.get_tensor(f"{q}.SCB")
+        assert scb.dtype == torch.float32 and scb.shape == handle.get_tensor(f"{q}.weight").shape[:1]
+        assert handle.get_tensor(f"{q}.weight_format").item() == 0
+        assert handle.get_tensor("lm_head.weight").dtype == torch.bfloat16
+    model, tokenizer = loadspec.load("i8", cache_dir=tmp_path)
+    assert sum(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()) == len(built.plan.quantized) > 0
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cpu",
+                                                     quantization_config=BitsAndBytesConfig(load_in_8bit=True)).eval()
+    ours = logits(model, tokenizer)
+    assert torch.equal(ours, logits(reference, tokenizer))  # bitsandbytes' CPU int8 matmul, same bytes
+    direct = AutoModelForCausalLM.from_pretrained(built.path, device_map="cpu").eval()  # transformers reads our artifact
+    assert torch.equal(ours, logits(direct, tokenizer))
+
+
+def test_int8_plan_sizes_and_flags():
+    int8 = plan_for('quant = "int8"', config=LLAMA_8B, target="h100")
+    nf4 = plan_for("", config=LLAMA_8B, target="h100")
+    assert 7.0 * GIB < int8.memory["cuda:0"] < 8.5 * GIB and nf4.memory["cuda:0"] < 0.7 * int8.memory["cuda:0"]
+    assert int8.quant["method"] == "int8" and "lm_head" not in int8.quantized
+    assert int8.fingerprint != nf4.fingerprint
+    with pytest.raises(SpecError, match=r'double_quant.*applies only to 4-bit quantization, but quant = "int8"'):
+        plan_for('quant = "int8"\ndouble_quant = false')
+
+
+def test_fp8_refused_with_capability_or_not_supported():
+    for target in ("cpu", "t4", "a100"):
+        with pytest.raises(UsageError, match=r"capability 8\.9 or newer.*nf4"):
+            plan_for('quant = "fp8"', target=target)
+    with pytest.raises(UsageError, match="fp8 weights.*not supported by this loadspec version yet"):
+        plan_for('quant = "fp8"', target="h100")
+
+
+def test_full_finetuning_loads_16bit_and_trains_every_weight(checkpoint, write_spec, tmp_path):
+    built = loadspec.build(write_spec(checkpoint("qwen3"), name="fft", load={"full_finetuning": True}), cache_dir=tmp_path, progress=False)
+    assert built.plan.quant == {"method": "none"} and built.plan.quantized == ()
+    assert "full fine-tuning" in dict(built.plan.reasons)["quant"]
+    model, tokenizer = loadspec.load("fft", cache_dir=tmp_path)
+    params = list(model.parameters())
+    assert all(p.requires_grad and p.dtype == torch.bfloat16 for p in params)
+    ids = tokenizer("a b c", return_tensors="pt").input_ids
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in params)
+
+
+def test_full_finetuning_conflicts_rejected_with_fix():
+    with pytest.raises(SpecError, match=r'(?s)quant = "nf4".*cannot take gradient updates.*remove quant'):
+        plan_for('full_finetuning = true\nquant = "nf4"')
+    with pytest.raises(SpecError, match=r"\[lora\] adapter would only freeze it"):
+        parse_spec('name = "t"\n[model]\nsource = "/x"\n[load]\nfull_finetuning = true\n[lora]\nr = 8\n')
+    assert plan_for('full_finetuning = true\nquant = "none"').quant == {"method": "none"}
+
+
+def test_offload_embedding_plans_embedding_on_cpu():
+    plan = plan_for("offload_embedding = true", target="h100")
+    assert plan.device_map["model.embed_tokens"] == "cpu"
+    assert set(plan.device_map.values()) == {"cpu", "cuda:0"}
+    assert plan.memory["cpu"] == 512 * 64 * 2  # vocab x hidden in bf16 stays in host memory
+    assert "stays in CPU memory" in dict(plan.reasons)["offload embedding"]
+    assert plan.fingerprint == plan_for("", target="h100").fingerprint  # placement only: same artifact
+    assert "nothing to do" in dict(plan_for("offload_embedding = true").reasons)["offload embedding"]
+    tied = {**TINY_MISTRAL, "tie_word_embeddings": True}
+    with pytest.raises(UsageError, match="ties its input embedding.*LM head"):
+        plan_for("offload_embedding = true", config=tied, target="h100")
+
+
+def test_trust_remote_code_recorded_not_in_fingerprint():
+    plain = plan_for("")
+    trusted = resolve(parse_spec('name = "t"\n[model]\nsource = "/models/x"\ntrust_remote_code = true\n'), profile("cpu"),
+                      source_for(TINY_MISTRAL))
+    assert plain.fingerprint == trusted.fingerprint
+
+
+def test_prequantized_source_refused_with_fix(tmp_path, checkpoint):
+    import shutil
+
+    folder = tmp_path / "prequant"
+    shutil.copytree(checkpoint("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (folder / "config.json").write_text(json.dumps(config))
+    spec = tmp_path / "p.toml"
+    spec.write_text(f'name = "p"\n[model]\nsource = "{folder}"\n[target]\ngpu = "cpu"\n')
+    with pytest.raises(UsageError, match="already quantized \\(bitsandbytes\\).*unquantized model"):
+        loadspec.plan_spec(spec)
+
+
+@pytest.mark.gpu
+def test_int8_forward_on_gpu_matches_transformers(checkpoint, write_spec, tmp_path):
+    folder = checkpoint("llama")
+    loadspec.build(write_spec(folder, name="i8gpu", load={"quant": "int8"}, target="auto"), cache_dir=tmp_path, progress=False)
+    model, tokenizer = loadspec.load("i8gpu", cache_dir=tmp_path)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda:0",
+                                                     quantization_config=BitsAndBytesConfig(load_in_8bit=True)).eval()
+    ids = tokenizer("What is the capital of France?", return_tensors="pt").input_ids.cuda()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.gpu
+def test_offload_embedding_runs_on_gpu(checkpoint, write_spec, tmp_path):
+    loadspec.build(write_spec(checkpoint("mistral"), name="off", load={"offload_embedding": True}, target="auto"),
+                   cache_dir=tmp_path, progress=False)
+    model, tokenizer = loadspec.load("off", cache_dir=tmp_path)
+    assert model.model.embed_tokens.weight.device.type == "cpu"
+    assert model.model.layers[0].self_attn.q_proj.weight.device.type == "cuda"
+    ids = tokenizer("a b c", return_tensors="pt").input_ids.cuda()
+    with torch.no_grad():
+        assert model(ids).logits.device.type == "cuda"
+
+
+def test_chat_template_by_name_applied_in_artifact(checkpoint, write_spec, tmp_path):
+    built = loadspec.build(write_spec(checkpoint("llama"), name="chatml", tokenizer={"chat_template": "chatml"}),
+                           cache_dir=tmp_path, progress=False)
+    assert "built-in 'chatml'" in dict(built.plan.reasons)["chat template"]
+    _, tokenizer = loadspec.load("chatml", cache_dir=tmp_path)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    other = plan_for("", extra='[tokenizer]\nchat_template = "llama3"\n')
+    assert other.fingerprint != plan_for("", extra='[tokenizer]\nchat_template = "chatml"\n').fingerprint
+    with pytest.raises(SpecError, match="'chatlm' is neither a built-in template.*Did you mean 'chatml'"):
+        plan_for("", extra='[tokenizer]\nchat_template = "chatlm"\n')
