@@ -135,8 +135,12 @@ def _log_build(fingerprint: str, staged: Path) -> None:
 
 
 def load(name_or_spec: str | Path, *, cache_dir: str | Path | None = None, device: str | None = None,
-         target: str | None = None, progress: bool = False, remote: str | None = None, verify: bool | None = None):
+         target: str | None = None, progress: bool = False, remote: str | None = None, verify: bool | None = None,
+         patch: bool | None = None):
     """`(model, tokenizer)` for an artifact name, or for a spec file (built first if missing).
+
+    `patch=True` applies the plan's fused kernels to the model (`patch=None`: as the spec's
+    `[train] kernels` says, default off); `loadspec.patches.unpatch(model)` removes them.
 
     `device` ("cpu", "cuda:0", …) overrides the plan's device map, e.g. to inspect a GPU
     artifact on a CPU machine. A name missing from the cache is pulled from `remote`
@@ -151,9 +155,11 @@ def load(name_or_spec: str | Path, *, cache_dir: str | Path | None = None, devic
 
     store = Store(cache_dir)
     training = None  # the adapter and checkpointing this load asks for ({"lora", "train"})
+    fresh_patches = None  # the patch list of the plan made just now (a spec), else the artifact's own
     if str(name_or_spec).endswith(".toml") or Path(name_or_spec).is_file():
         planned = build(name_or_spec, cache_dir=cache_dir, target=target, progress=progress).plan
         fingerprint, training = planned.fingerprint, {"lora": planned.lora, "train": planned.train}
+        fresh_patches = planned.patches
     else:
         name = str(name_or_spec)
         ref = store.ref(name)
@@ -179,7 +185,21 @@ def load(name_or_spec: str | Path, *, cache_dir: str | Path | None = None, devic
     if training is None:
         training = _training_for(store, str(name_or_spec), plan)
     model, tokenizer = load_artifact(folder, plan, device_map=device_map)
+    if patch is None:
+        patch = bool((training.get("train") or {}).get("kernels", False))
+    if patch:
+        _apply_patches(model, plan, fresh_patches)
     return _ready_to_train(model, training), tokenizer
+
+
+def _apply_patches(model, plan: LoadPlan, chosen) -> None:
+    """The plan's fused kernels onto the model's modules (patches are not in the fingerprint, so an artifact built
+    by an older loadspec may record none: they are then chosen now, from the plan's family)."""
+    from . import patches
+
+    if not chosen:
+        chosen = plan.patches or patches.choose(arch.for_model_type(plan.model_type), plan.model_type)[0]
+    patches.apply(model, chosen)
 
 
 def _training_for(store: Store, name: str, plan: LoadPlan) -> dict:

@@ -20,6 +20,7 @@ from .checkpointing import describe as describe_checkpointing
 from .errors import UsageError, did_you_mean
 from .hardware import GIB, Hardware, parse_memory
 from .lora import plan_lora
+from .patches import choose as choose_patches
 from .source import Source
 from .spec import Spec
 
@@ -50,7 +51,7 @@ class LoadPlan:
     device_map: dict  # block name -> device
     memory: dict  # device -> bytes of weights placed there
     tokenizer: dict  # pad_token, padding_side, chat_template
-    patches: tuple = ()
+    patches: tuple = ()  # ({module, kernel, version}, ...) chosen per family; applied on request; not in the fingerprint
     lora: dict | None = None  # new adapter settings or an existing adapter; not in the fingerprint
     train: dict = attrs.Factory(dict)  # gradient_checkpointing; not in the fingerprint
     versions: dict = attrs.Factory(dict)
@@ -115,7 +116,8 @@ def resolve(spec: Spec, hardware: Hardware, source: Source, skeleton: arch.Skele
     offload = _offloaded_embedding(spec, hardware, skeleton, reasons)
     device_map, memory = _device_map(spec.load.device_map, hardware, skeleton.parameters, sizes, reasons, offload,
                                      spec.load.max_memory)
-    reasons.append(("patches", "none: this version ships no fused kernels yet"))
+    patches, patches_why = choose_patches(family, source.config["model_type"])
+    reasons.append(("patches", patches_why))
     lora, lora_reasons = plan_lora(spec, family, skeleton, source, quantized if quant["method"] != "none" else ())
     reasons += lora_reasons
     reasons.append(("train", describe_checkpointing(spec.train.gradient_checkpointing, hardware.kind)))
@@ -135,8 +137,10 @@ def resolve(spec: Spec, hardware: Hardware, source: Source, skeleton: arch.Skele
         device_map=device_map,
         memory=memory,
         tokenizer=tokenizer,
+        patches=patches,
         lora=lora,
-        train={"gradient_checkpointing": spec.train.gradient_checkpointing},
+        train={"gradient_checkpointing": spec.train.gradient_checkpointing,
+               **({"kernels": True} if spec.train.kernels else {})},  # key only when on: older plans compare equal
         versions=dict(_versions(quant["method"] != "none")),
         reasons=tuple(reasons),
     )

@@ -82,6 +82,7 @@ class LoraSection:
 @attrs.frozen
 class TrainSection:
     gradient_checkpointing: Any = _field(False, kind="checkpointing", help='false, true (recompute each decoder layer in backward) or "offload" (also keep its input in CPU memory)')
+    kernels: bool = _field(False, kind="bool", help="apply the plan's fused kernels (RMSNorm, RoPE, SwiGLU/GeGLU, cross-entropy) to the loaded model")
 
 
 SECTIONS = {"model": ModelSection, "load": LoadSection, "target": TargetSection, "tokenizer": TokenizerSection,

@@ -1,0 +1,249 @@
+"""The plan's patch list: which fused kernel replaces which module's computation, applied to a loaded
+model and removable again.
+
+`choose(family, model_type)` decides the list (pure; the plan records it, outside the fingerprint:
+patches never change an artifact's bytes). `apply(model, patches)` swaps in the kernels per module
+instance — never on the transformers classes, so other models in the process are untouched — and
+`unpatch(model)` restores every module exactly as it was (the same forward objects).
+
+What each patch replaces:
+  rmsnorm / rmsnorm_plus_one  the `*RMSNorm` modules' forward (Llama form / Gemma's `1 + weight`)
+  swiglu / geglu              the gated `*MLP` forward: down_proj(act(gate_proj(x)) * up_proj(x)), act fused
+  rope                        `apply_rotary_pos_emb` while this model's `*Attention` modules run
+  cross_entropy               the `*ForCausalLM` loss (transformers' ForCausalLMLoss without its float32 logits copy)
+On a CPU without `TRITON_INTERPRET=1` the kernels fall back to their torch references.
+"""
+from __future__ import annotations
+
+import contextvars
+import sys
+import types
+
+from .errors import LoadspecError
+
+ROPE_HALF_SPLIT = ("llama", "mistral", "gemma", "gemma2", "gemma3", "qwen2", "qwen3", "granite")  # cohere interleaves; falcon: not checked
+PATCHED_ATTR = "_loadspec_patches"
+_MISSING = object()
+
+
+def _kernel_versions() -> dict[str, str]:
+    from .kernels import versions
+
+    return versions()
+
+
+def class_prefix(model_type: str) -> str:
+    """'Llama' for llama (from transformers' causal-LM class name, e.g. Gemma3ForCausalLM for gemma3_text)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, "")
+    if not name.endswith("ForCausalLM"):
+        raise LoadspecError(f"transformers has no causal-LM class for model_type {model_type!r}")
+    return name[: -len("ForCausalLM")]
+
+
+def choose(family, model_type: str) -> tuple[tuple[dict, ...], str]:
+    """(patches, reason) for a family: one {"module": class name, "kernel": name, "version": VERSION} per kernel."""
+    try:
+        prefix = class_prefix(model_type)
+    except LoadspecError as exc:
+        return (), f"none: {exc}"
+    versions = _kernel_versions()
+    chosen, missing = [], []
+    if family.norm in ("rmsnorm", "rmsnorm_plus_one"):
+        chosen.append((f"{prefix}RMSNorm", family.norm))
+    else:
+        missing.append(f"{family.norm} (no kernel yet)")
+    if family.activation in ("swiglu", "geglu"):
+        chosen.append((f"{prefix}MLP", family.activation))
+    else:
+        missing.append(f"{family.activation} MLP (no kernel yet)")
+    if family.name in ROPE_HALF_SPLIT:
+        chosen.append((f"{prefix}Attention", "rope"))
+    else:
+        missing.append("RoPE (not the half-split form the kernel implements)")
+    chosen.append((f"{prefix}ForCausalLM", "cross_entropy"))
+    patches = tuple({"module": module, "kernel": kernel, "version": versions[kernel]} for module, kernel in chosen)
+    why = ", ".join(f"{p['kernel']} on {p['module']}" for p in patches)
+    why += (f"; not patched: {', '.join(missing)}" if missing else "")
+    why += " (applied only when [train] kernels = true or loadspec.load(..., patch=True); not in the fingerprint)"
+    return patches, why
+
+
+# ---- applying -------------------------------------------------------------------------------------------
+
+def _swap(module, attr: str, value) -> callable:
+    """Set an instance attribute; return the undo that puts back exactly what was there (or nothing)."""
+    old = module.__dict__.get(attr, _MISSING)
+    setattr(module, attr, value)
+
+    def undo():
+        if old is _MISSING:
+            module.__dict__.pop(attr, None)
+        else:
+            setattr(module, attr, old)
+    return undo
+
+
+def _forward_slot(module) -> str:
+    """accelerate's hooks keep the module's own forward as `_old_forward`: replace that one, keep the hook."""
+    return "_old_forward" if "_old_forward" in module.__dict__ else "forward"
+
+
+def _patch_rmsnorm(module, plus_one: bool):
+    from .kernels import rmsnorm as k
+
+    fn = k.rmsnorm_plus_one if plus_one else k.rmsnorm
+    eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+
+    def forward(self, hidden_states):
+        return fn(hidden_states, self.weight, eps)
+    return _swap(module, _forward_slot(module), types.MethodType(forward, module))
+
+
+def _mlp_activation(module) -> str:
+    """Which of silu / gelu_tanh / gelu the module's act_fn computes (probed numerically, so any spelling of the
+    config key or activation class is recognised)."""
+    import torch
+
+    from .kernels.swiglu import ACTIVATIONS, reference_glu
+
+    probe = torch.linspace(-6, 6, 97, dtype=torch.float32)
+    with torch.no_grad():
+        got = module.act_fn(probe)
+    for name in ACTIVATIONS:
+        if torch.allclose(got, reference_glu(probe, torch.ones_like(probe), name), atol=1e-6, rtol=1e-5):
+            return name
+    raise LoadspecError(f"{type(module).__name__}.act_fn ({type(module.act_fn).__name__}) is none of {', '.join(ACTIVATIONS)}; "
+                        "its MLP cannot be fused. Load without kernels.")
+
+
+def _patch_mlp(module, kernel: str):
+    from .kernels.swiglu import glu
+
+    for name in ("gate_proj", "up_proj", "down_proj", "act_fn"):
+        if not hasattr(module, name):
+            raise LoadspecError(f"{type(module).__name__} has no {name}: not a gated MLP the {kernel} kernel can fuse.")
+    activation = _mlp_activation(module)
+    if (kernel == "swiglu") != (activation == "silu"):
+        raise LoadspecError(f"{type(module).__name__} computes {activation}, but the plan chose {kernel}; re-plan the spec.")
+
+    def forward(self, x):
+        return self.down_proj(glu(self.gate_proj(x), self.up_proj(x), activation))
+    return _swap(module, _forward_slot(module), types.MethodType(forward, module))
+
+
+_ROPE_ACTIVE = contextvars.ContextVar("loadspec_rope_active", default=False)
+_rope_installs: dict[str, list] = {}  # modeling module name -> [transformers' function, our dispatcher, patched attention count]
+
+
+def _install_rope_dispatch(modeling) -> None:
+    entry = _rope_installs.get(modeling.__name__)
+    if entry is None:
+        from .kernels import rope as k
+
+        original = modeling.apply_rotary_pos_emb
+
+        def apply_rotary_pos_emb(q, k_, cos, sin, *args, **kwargs):
+            plain = len(args) + len(kwargs) <= 1 and set(kwargs) <= {"unsqueeze_dim"}
+            if _ROPE_ACTIVE.get() and plain:
+                return k.apply_rotary_pos_emb(q, k_, cos, sin, args[0] if args else kwargs.get("unsqueeze_dim", 1))
+            return original(q, k_, cos, sin, *args, **kwargs)
+        apply_rotary_pos_emb.__wrapped__ = original
+        entry = _rope_installs[modeling.__name__] = [original, apply_rotary_pos_emb, 0]
+        modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
+    entry[2] += 1
+
+
+def _uninstall_rope_dispatch(modeling) -> None:
+    entry = _rope_installs.get(modeling.__name__)
+    if entry is None:
+        return
+    entry[2] -= 1
+    if entry[2] <= 0:
+        if getattr(modeling, "apply_rotary_pos_emb", None) is entry[1]:  # nobody replaced it after us
+            modeling.apply_rotary_pos_emb = entry[0]
+        del _rope_installs[modeling.__name__]
+
+
+def _patch_attention(module):
+    """The modeling file's `apply_rotary_pos_emb` becomes a dispatcher that uses the kernel only while a
+    patched attention module runs (a context variable), so unpatched models keep transformers' own."""
+    modeling = sys.modules[type(module).__module__]
+    if not callable(getattr(modeling, "apply_rotary_pos_emb", None)):
+        raise LoadspecError(f"{modeling.__name__} has no apply_rotary_pos_emb; the rope kernel cannot patch {type(module).__name__}.")
+    _install_rope_dispatch(modeling)
+    inner = module.forward  # whatever runs now (the class's forward, or an accelerate hook)
+
+    def forward(self, *args, **kwargs):
+        token = _ROPE_ACTIVE.set(True)
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            _ROPE_ACTIVE.reset(token)
+    undo_forward = _swap(module, "forward", types.MethodType(forward, module))
+
+    def undo():
+        undo_forward()
+        _uninstall_rope_dispatch(modeling)
+    return undo
+
+
+def _patch_loss(module):
+    from .kernels.cross_entropy import causal_lm_loss
+
+    if not hasattr(type(module), "loss_function"):
+        raise LoadspecError(f"{type(module).__name__} has no loss_function to replace.")
+    return _swap(module, "_loss_function", causal_lm_loss)  # transformers' `loss_function` property reads it first
+
+
+PATCHERS = {
+    "rmsnorm": lambda m: _patch_rmsnorm(m, plus_one=False),
+    "rmsnorm_plus_one": lambda m: _patch_rmsnorm(m, plus_one=True),
+    "swiglu": lambda m: _patch_mlp(m, "swiglu"),
+    "geglu": lambda m: _patch_mlp(m, "geglu"),
+    "rope": _patch_attention,
+    "cross_entropy": _patch_loss,
+}
+
+
+def apply(model, patches) -> list[dict]:
+    """Apply the plan's patches to `model`'s modules (per instance); returns what was patched, with counts.
+
+    A model already patched is unpatched first. Raises LoadspecError, leaving the model unpatched, when a
+    patch names an unknown kernel or matches no module (the plan and this transformers disagree).
+    """
+    unpatch(model)
+    undos, applied = [], []
+    try:
+        for patch in patches:
+            kernel, cls = patch["kernel"], patch["module"]
+            if kernel not in PATCHERS:
+                raise LoadspecError(f"the plan asks for kernel {kernel!r}, which this loadspec does not have "
+                                    f"({', '.join(PATCHERS)}); rebuild the spec with this version.")
+            modules = [m for _, m in model.named_modules() if type(m).__name__ == cls]
+            if not modules:
+                raise LoadspecError(f"the plan patches {cls} with {kernel}, but the model has no {cls} module "
+                                    "(another transformers version?). Re-plan the spec, or load without kernels.")
+            for module in modules:
+                undos.append(PATCHERS[kernel](module))
+            applied.append({**patch, "count": len(modules)})
+    except Exception:
+        for undo in reversed(undos):
+            undo()
+        raise
+    setattr(model, PATCHED_ATTR, (undos, applied))
+    return applied
+
+
+def patched(model) -> list[dict]:
+    """The patches applied to `model` (empty if none)."""
+    return list(getattr(model, PATCHED_ATTR, ((), []))[1])
+
+
+def unpatch(model) -> list[dict]:
+    """Undo `apply`: every module gets back exactly the forward (and loss function) it had. Returns what was removed."""
+    undos, applied = model.__dict__.pop(PATCHED_ATTR, ((), []))
+    for undo in reversed(undos):
+        undo()
+    return list(applied)

@@ -1,0 +1,148 @@
+"""The plan's patch list, applied by `load` and removable: a patched tiny model gives the unpatched model's
+logits, loss and gradients, and `unpatch` restores it exactly.
+
+The Triton kernels run through triton's interpreter here (TRITON_INTERPRET=1, set before loadspec.kernels is
+imported; tests/kernels/conftest.py sets it too). Tolerances, float32 models: logits and loss 1e-4, parameter
+gradients 1e-4 relative / 1e-5 absolute (two decoder layers of kernels that sum in another order than torch);
+bfloat16 models: 5e-2 on logits (bf16 roundings at different places, compounded over the layers)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import loadspec  # noqa: E402
+from loadspec import arch, patches  # noqa: E402
+from loadspec import kernels  # noqa: E402
+
+EXPECTED = {
+    "llama": ["rmsnorm", "swiglu", "rope", "cross_entropy"],
+    "gemma": ["rmsnorm_plus_one", "geglu", "rope", "cross_entropy"],
+    "gemma2": ["rmsnorm_plus_one", "geglu", "rope", "cross_entropy"],
+    "cohere": ["swiglu", "cross_entropy"],  # LayerNorm, interleaved RoPE: no kernel yet
+    "falcon": ["cross_entropy"],
+}
+
+
+@pytest.mark.parametrize("family", arch.families(), ids=lambda f: f.name)
+def test_plan_chooses_patches_per_family_naming_real_classes(family):
+    import importlib
+
+    import transformers
+
+    chosen, why = patches.choose(family, family.model_types[0])
+    if family.name in EXPECTED:
+        assert [p["kernel"] for p in chosen] == EXPECTED[family.name]
+    for patch in chosen:
+        assert patch["version"] == kernels.versions()[patch["kernel"]]
+        assert hasattr(transformers, patch["module"]) or importlib.import_module(  # the class exists in transformers
+            f"transformers.models.{family.name}.modeling_{family.name}").__dict__.get(patch["module"]), patch
+        assert f"{patch['kernel']} on {patch['module']}" in why
+
+
+def test_patches_recorded_in_plan_not_in_fingerprint(checkpoint, write_spec, tmp_path):
+    source = checkpoint("llama")
+    off = loadspec.plan_spec(write_spec(source, name="off", load={"quant": "none"})).plan
+    on = loadspec.plan_spec(write_spec(source, name="on", load={"quant": "none"}, train={"kernels": True})).plan
+    assert off.fingerprint == on.fingerprint
+    assert on.train["kernels"] is True and "kernels" not in off.train
+    assert [p["module"] for p in on.patches] == ["LlamaRMSNorm", "LlamaMLP", "LlamaAttention", "LlamaForCausalLM"]
+    assert on.patches == off.patches  # chosen per family; [train] kernels only decides whether load applies them
+    assert dict(on.reasons)["patches"].startswith("rmsnorm on LlamaRMSNorm")
+    assert type(on).from_json(on.to_json()).patches == on.patches
+
+
+def _batch(vocab: int):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (2, 9), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    return ids, labels
+
+
+def _run(model, ids, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach().clone(), out.loss.detach().clone(), grads
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_patched_model_matches_unpatched_and_unpatch_restores(family, checkpoint, write_spec, tmp_path, monkeypatch):
+    assert kernels.INTERPRET and kernels.HAVE_TRITON, "the Triton path should run (interpreted) in this test"
+    spec = write_spec(checkpoint(family), name=family, load={"quant": "none", "dtype": "float32"})
+    model, _ = loadspec.load(spec, cache_dir=tmp_path / "cache")
+    assert patches.patched(model) == []
+    model.train()
+    ids, labels = _batch(model.config.vocab_size)
+    before = _run(model, ids, labels)
+    originals = {name: module.__dict__.get("forward") for name, module in model.named_modules()}
+    modeling = __import__(type(model).__module__, fromlist=["apply_rotary_pos_emb"])
+    rope_fn = modeling.apply_rotary_pos_emb
+
+    applied = patches.apply(model, loadspec.plan_spec(spec).plan.patches)
+    assert {p["kernel"]: p["count"] for p in applied} == {
+        EXPECTED[family][0]: 2 * model.config.num_hidden_layers + 1,  # input + post-attention per layer, final norm
+        EXPECTED[family][1]: model.config.num_hidden_layers, "rope": model.config.num_hidden_layers, "cross_entropy": 1}
+    assert modeling.apply_rotary_pos_emb is not rope_fn
+    import importlib
+
+    triton_calls = {}
+    for name in ("rmsnorm", "rope", "swiglu", "cross_entropy"):  # spy: each kernel module really took the Triton path
+        module = importlib.import_module(f"loadspec.kernels.{name}")
+
+        def spy(*tensors, _name=name, _real=module.use_triton):
+            triton_calls[_name] = triton_calls.get(_name, 0) + bool(_real(*tensors))
+            return _real(*tensors)
+        monkeypatch.setattr(module, "use_triton", spy)
+    after = _run(model, ids, labels)
+    assert all(triton_calls.get(name) for name in ("rmsnorm", "rope", "swiglu", "cross_entropy")), triton_calls
+    torch.testing.assert_close(after[0], before[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(after[1], before[1], rtol=1e-4, atol=1e-4)
+    assert after[2].keys() == before[2].keys()
+    for name in before[2]:
+        torch.testing.assert_close(after[2][name], before[2][name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+    removed = patches.unpatch(model)
+    assert [p["kernel"] for p in removed] == EXPECTED[family]
+    assert {name: module.__dict__.get("forward") for name, module in model.named_modules()} == originals
+    assert "_loss_function" not in model.__dict__ and modeling.apply_rotary_pos_emb is rope_fn
+    restored = _run(model, ids, labels)
+    assert torch.equal(restored[0], before[0]) and torch.equal(restored[1], before[1])  # bit-identical again
+    assert all(torch.equal(restored[2][n], before[2][n]) for n in before[2])
+
+
+def test_load_applies_patches_when_asked(checkpoint, write_spec, tmp_path):
+    source = checkpoint("llama")
+    asked = write_spec(source, name="asked", load={"quant": "none"}, train={"kernels": True})
+    model, _ = loadspec.load(asked, cache_dir=tmp_path / "cache")
+    assert [p["kernel"] for p in patches.patched(model)] == EXPECTED["llama"]
+    model_off, _ = loadspec.load(asked, cache_dir=tmp_path / "cache", patch=False)
+    assert patches.patched(model_off) == []
+    plain = write_spec(source, name="plain", load={"quant": "none"})
+    model_on, _ = loadspec.load(plain, cache_dir=tmp_path / "cache", patch=True)
+    assert len(patches.patched(model_on)) == 4
+    # bfloat16 (the CPU default): patched and unpatched agree within bf16 tolerance
+    ids, labels = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        ours = model_on(input_ids=ids, labels=labels)
+        theirs = model_off(input_ids=ids, labels=labels)
+    torch.testing.assert_close(ours.logits.float(), theirs.logits.float(), rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-2, atol=1e-2)
+    patches.unpatch(model)
+    patches.unpatch(model_on)
+
+
+def test_unknown_kernel_or_module_leaves_model_unpatched(checkpoint, write_spec, tmp_path):
+    from loadspec.errors import LoadspecError
+
+    model, _ = loadspec.load(write_spec(checkpoint("llama"), load={"quant": "none"}), cache_dir=tmp_path / "cache")
+    good = {"module": "LlamaRMSNorm", "kernel": "rmsnorm", "version": "1"}
+    with pytest.raises(LoadspecError, match="no GemmaMLP module"):
+        patches.apply(model, [good, {"module": "GemmaMLP", "kernel": "geglu", "version": "1"}])
+    with pytest.raises(LoadspecError, match="does not have"):
+        patches.apply(model, [good, {"module": "LlamaMLP", "kernel": "fancy", "version": "1"}])
+    assert patches.patched(model) == []
+    assert all("forward" not in m.__dict__ for m in model.modules())
