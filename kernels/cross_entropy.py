@@ -33,10 +33,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _tanh(z):
-        z = tl.minimum(tl.maximum(z, -20.0), 20.0)  # tanh is +-1 in float32 beyond; no exp overflow
-        return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+    from .triton_math import tanh as _tanh
 
     @triton.jit
     def _ce_kernel(logits_ptr, grad_ptr, labels_ptr, loss_ptr, lse_ptr, scale_ptr, n_cols, logits_stride, grad_stride,

@@ -230,6 +230,19 @@ def bench(args):
 REMOTE_HELP = "shared storage: a folder, file:///path, s3://bucket/prefix or hf://org/repo (default: $LOADSPEC_REMOTE)"
 
 
+def transfer_command(function):
+    """The arguments `push` and `pull` share: NAME, --remote, --cache-dir, --workers, --quiet."""
+    for option in reversed((
+        click.argument("name"),
+        click.option("--remote", help=REMOTE_HELP),
+        click.option("--cache-dir", type=click.Path(file_okay=False), help=CACHE_HELP),
+        click.option("--workers", default=8, show_default=True, type=click.IntRange(min=1), help="parallel transfers"),
+        click.option("-q", "--quiet", is_flag=True, help="no progress bar"),
+    )):
+        function = option(function)
+    return main.command()(friendly(function))
+
+
 def _transfer_line(verb, t):
     if t.cached:
         return f"{t.name}: {t.url} already has artifact {t.fingerprint}; nothing {verb}"
@@ -237,13 +250,7 @@ def _transfer_line(verb, t):
     return f"{verb} {t.name} ({t.fingerprint}): {t.copied} file(s), {t.bytes / 2**20:.1f} MiB{kept}, {t.seconds:.1f} s"
 
 
-@main.command()
-@click.argument("name")
-@click.option("--remote", help=REMOTE_HELP)
-@click.option("--cache-dir", type=click.Path(file_okay=False), help=CACHE_HELP)
-@click.option("--workers", default=8, show_default=True, type=click.IntRange(min=1), help="parallel transfers")
-@click.option("-q", "--quiet", is_flag=True, help="no progress bar")
-@friendly
+@transfer_command
 def push(name, remote, cache_dir, workers, quiet):
     """Upload NAME's artifact to a remote (files, then manifest, then the name)."""
     from .api import push as push_artifact
@@ -251,13 +258,7 @@ def push(name, remote, cache_dir, workers, quiet):
     click.echo(_transfer_line("pushed", push_artifact(name, remote=remote, cache_dir=cache_dir, workers=workers, progress=not quiet)))
 
 
-@main.command()
-@click.argument("name")
-@click.option("--remote", help=REMOTE_HELP)
-@click.option("--cache-dir", type=click.Path(file_okay=False), help=CACHE_HELP)
-@click.option("--workers", default=8, show_default=True, type=click.IntRange(min=1), help="parallel transfers")
-@click.option("-q", "--quiet", is_flag=True, help="no progress bar")
-@friendly
+@transfer_command
 def pull(name, remote, cache_dir, workers, quiet):
     """Fetch NAME's artifact from a remote, checking every file's sha256; an interrupted pull resumes."""
     from .api import pull as pull_artifact
