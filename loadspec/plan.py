@@ -59,7 +59,10 @@ class LoadPlan:
 
     @property
     def source_identity(self) -> str:
-        return self.source["identity"]
+        """The weights' identity; trusting the source's own code can change the artifact (custom tokenizer/config
+        code is saved with it), so a trusted build is a different artifact."""
+        trusted = self.source.get("trust_remote_code", False)
+        return self.source["identity"] + ("+trust_remote_code" if trusted else "")
 
     @property
     def fingerprint(self) -> str:
@@ -125,7 +128,7 @@ def resolve(spec: Spec, hardware: Hardware, source: Source, skeleton: arch.Skele
         format_version=FORMAT_VERSION,
         name=spec.name,
         source={"kind": source.kind, "location": source.location, "revision": source.revision, "identity": source.identity,
-                "trust_remote_code": spec.model.trust_remote_code},  # recorded, not in the fingerprint
+                "trust_remote_code": spec.model.trust_remote_code},  # fingerprinted through source_identity
         family=family.name,
         model_type=source.config["model_type"],
         target={"name": hardware.name, "kind": hardware.kind, "capability": list(hardware.capability), "memory": list(hardware.memory_bytes)},

@@ -28,7 +28,7 @@ README_ROWS = {
     "token": "tests/test_hub_source.py::test_token_read_from_env_and_never_written",
     "device_map": "tests/test_plan.py::test_device_map_spills_to_second_gpu_and_refuses_when_too_big",
     "rope_scaling": "tests/test_rope.py::test_override_honoured_exactly_beyond_4x",
-    "trust_remote_code": "tests/test_options.py::test_trust_remote_code_recorded_not_in_fingerprint",
+    "trust_remote_code": "tests/test_options.py::test_trust_remote_code_recorded_and_fingerprinted",
     "use_gradient_checkpointing": "tests/test_checkpointing.py",
     "revision": "tests/test_hub_source.py::test_offline_revision_pinned_to_commit",
     "offload_embedding": "tests/test_options.py::test_offload_embedding_plans_embedding_on_cpu",
@@ -139,11 +139,12 @@ def test_offload_embedding_plans_embedding_on_cpu():
         plan_for("offload_embedding = true", config=tied, target="h100")
 
 
-def test_trust_remote_code_recorded_not_in_fingerprint():
+def test_trust_remote_code_recorded_and_fingerprinted():
     plain = plan_for("")
     trusted = resolve(parse_spec('name = "t"\n[model]\nsource = "/models/x"\ntrust_remote_code = true\n'), profile("cpu"),
                       source_for(TINY_MISTRAL))
-    assert plain.fingerprint == trusted.fingerprint
+    assert trusted.source["trust_remote_code"] is True and plain.source["trust_remote_code"] is False
+    assert plain.fingerprint != trusted.fingerprint  # the source's own code may be saved into the artifact
 
 
 def test_prequantized_source_refused_with_fix(tmp_path, checkpoint):
