@@ -27,6 +27,7 @@ from .errors import LoadspecError
 ALIGN = 256  # slot alignment in an arena: enough for any dtype and for fast copies
 CHUNK_BYTES = 16 * 1024 * 1024
 RING_SLOTS = 8
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
@@ -49,8 +50,8 @@ def read_layout(path: Path) -> tuple[int, dict]:
     with open(path, "rb") as handle:
         prefix = handle.read(8)
         (length,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (size,)
-        if length + 8 > size:
-            raise LoadspecError(f"{path.name}: header length {length} runs past the end of the {size}-byte file (truncated?)")
+        if length + 8 > size or length > MAX_HEADER_BYTES:
+            raise LoadspecError(f"{path.name}: header length {length} is impossible for the {size}-byte file (truncated, or not safetensors)")
         try:
             header = json.loads(handle.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -10,7 +10,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import struct
 import tempfile
 from pathlib import Path
 
@@ -22,11 +21,6 @@ from .spec import ModelSection
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
-
 @attrs.frozen
 class TensorInfo:
     shape: tuple[int, ...]
@@ -101,7 +95,7 @@ def read_adapter(folder: Path) -> Adapter:
     digest = hashlib.sha256(config_file.read_bytes())
     digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
     digest.update(json.dumps(header, sort_keys=True).encode())
-    tensors = {name: TensorInfo(tuple(entry["shape"]), SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"]), weights.name)
+    tensors = {name: TensorInfo(tuple(entry["shape"]), _dtype_name(entry["dtype"]), weights.name)
                for name, entry in header.items() if name != "__metadata__"}
     return Adapter(folder.resolve(), config, tensors, digest.hexdigest())
 
@@ -169,8 +163,7 @@ def _from_folder(kind: str, location: str, folder: Path, revision: str, allow_pi
         digest.update(f"{file.name}:{stat.st_size}:{revision or stat.st_mtime_ns}".encode())
         digest.update(json.dumps(header, sort_keys=True).encode())
         for name, entry in header.items():
-            if name != "__metadata__":
-                tensors[name] = TensorInfo(tuple(entry["shape"]), SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"]), file.name)
+            tensors[name] = TensorInfo(tuple(entry["shape"]), _dtype_name(entry["dtype"]), file.name)
     config = json.loads(config_file.read_text())
     return Source(kind, location, folder, revision, digest.hexdigest(), config, tensors, _tokenizer_facts(folder))
 
@@ -241,18 +234,22 @@ def load_pickle_weights(path: Path) -> dict:
 
 
 def read_safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (names, dtypes, shapes, offsets); reads no tensor data."""
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) != 8:
-            raise UsageError(f"{path} is too short to be a safetensors file.")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > 100 * 1024 * 1024 or length > path.stat().st_size - 8:
-            raise UsageError(f"{path}: safetensors header length {length} is impossible for a file of {path.stat().st_size} bytes (truncated or not safetensors).")
-        try:
-            return json.loads(handle.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UsageError(f"{path}: the safetensors header is not valid JSON ({exc}).") from None
+    """The header entries of a source's safetensors file (dtypes, shapes, offsets checked against the file size);
+    reads no tensor data. A damaged source file is the user's to replace, hence a UsageError."""
+    from .errors import LoadspecError
+    from .reader import read_layout
+
+    try:
+        return read_layout(path)[1]
+    except LoadspecError as exc:
+        raise UsageError(f"source file {path.parent}/{exc}") from None
+
+
+def _dtype_name(code: str) -> str:
+    """'BF16' -> 'bfloat16' (torch's name), for the safetensors dtype codes the reader knows."""
+    from .reader import DTYPES
+
+    return str(DTYPES[code]).removeprefix("torch.")
 
 
 def _tokenizer_facts(folder: Path) -> dict:
