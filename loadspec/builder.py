@@ -6,6 +6,7 @@ visible by renaming it only after everything here has succeeded.
 from __future__ import annotations
 
 import json
+import math
 import queue
 import tempfile
 import threading
@@ -112,7 +113,7 @@ def _write_weights(plan: LoadPlan, source: Source, skeleton: arch.Skeleton, fold
     dtype = getattr(torch, plan.dtype)
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")  # where 4-bit quantization runs
     writer = ShardWriter(folder, [n for p in skeleton.parameters for n in stored_names(plan, p)])
-    total = sum(_numel(source.tensors[n].shape) for n in wanted)
+    total = sum(math.prod(source.tensors[n].shape) for n in wanted)
     bar = tqdm(total=total, unit=" params", unit_scale=True, desc="build", disable=not progress)
     try:
         with _Background(writer.add) as write:  # writing overlaps quantizing; reading runs ahead in _prefetch
@@ -237,13 +238,6 @@ def _stream(source: Source, wanted: set[str]) -> Iterator[tuple[str, torch.Tenso
             del state
             continue
         yield from iter_file_tensors(source.path / file, names)
-
-
-def _numel(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 def _manifest(plan: LoadPlan, folder: Path, progress: bool) -> dict:

@@ -456,13 +456,19 @@ def test_disk_full_mid_build_is_one_clear_line_and_nothing_partial(spec_text, tm
     assert run_cli("build", spec, "--cache-dir", cache, "-q")[0] == 0  # space again: the build goes through
 
 
-def test_disk_full_mid_pull_blames_the_cache_not_the_remote(spec_text, tmp_path, monkeypatch):
-    from loadspec import remote as remotes
-
+def built_and_pushed(spec_text, tmp_path):
+    """The tiny spec built in its own cache and pushed to tmp_path/remote; returns the spec's path."""
     spec = tmp_path / "tiny.toml"
     spec.write_text(spec_text)
     loadspec.build(spec, cache_dir=tmp_path / "builder", progress=False)
     loadspec.api.push("tiny", remote=str(tmp_path / "remote"), cache_dir=tmp_path / "builder", progress=False)
+    return spec
+
+
+def test_disk_full_mid_pull_blames_the_cache_not_the_remote(spec_text, tmp_path, monkeypatch):
+    from loadspec import remote as remotes
+
+    spec = built_and_pushed(spec_text, tmp_path)
     cache = tmp_path / "node"
     monkeypatch.setattr(remotes, "open", _disk_that_fills(10_000), raising=False)
     code, output, crash = run_cli("pull", "tiny", "--remote", tmp_path / "remote", "--cache-dir", cache, "-q", "--workers", "1")
@@ -532,10 +538,7 @@ def tmpfs(tmp_path):
 
 
 def test_real_full_disk_during_build_and_pull(spec_text, tmp_path, tmpfs):
-    spec = tmp_path / "tiny.toml"
-    spec.write_text(spec_text)
-    loadspec.build(spec, cache_dir=tmp_path / "builder", progress=False)
-    loadspec.api.push("tiny", remote=str(tmp_path / "remote"), cache_dir=tmp_path / "builder", progress=False)
+    spec = built_and_pushed(spec_text, tmp_path)
     disk = tmpfs("size=2m")
     cache = disk / "cache"
     Store(cache).index["warm"] = 1  # the index exists; what fills up is the artifact
@@ -558,10 +561,7 @@ def test_real_full_disk_during_build_and_pull(spec_text, tmp_path, tmpfs):
 
 
 def test_real_read_only_cache(spec_text, tmp_path, tmpfs):
-    spec = tmp_path / "tiny.toml"
-    spec.write_text(spec_text)
-    loadspec.build(spec, cache_dir=tmp_path / "builder", progress=False)
-    loadspec.api.push("tiny", remote=str(tmp_path / "remote"), cache_dir=tmp_path / "builder", progress=False)
+    spec = built_and_pushed(spec_text, tmp_path)
     disk = tmpfs("size=8m")
     cache = disk / "cache"
     assert run_cli("build", spec, "--cache-dir", cache, "-q")[0] == 0
