@@ -1,9 +1,10 @@
 """The public entry points, composing spec -> plan -> build -> store -> load."""
 from __future__ import annotations
 
-import os
 import hashlib
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -188,8 +189,21 @@ def load(name_or_spec: str | Path, *, cache_dir: str | Path | None = None, devic
     if patch is None:
         patch = bool((training.get("train") or {}).get("kernels", False))
     if patch:
+        _restore_kernels(folder)
         _apply_patches(model, plan, fresh_patches)
     return _ready_to_train(model, training), tokenizer
+
+
+def _restore_kernels(folder: Path) -> None:
+    """The artifact's compiled kernels into Triton's cache; a notice on stderr when the first step must compile."""
+    import torch
+
+    from .kernel_cache import restore
+
+    if torch.cuda.is_available():
+        line = restore(folder)
+        if "first step compiles" in line:
+            print(f"loadspec: {line}", file=sys.stderr)
 
 
 def _apply_patches(model, plan: LoadPlan, chosen) -> None:

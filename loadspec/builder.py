@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import arch
+from . import arch, kernel_cache
 from .errors import UsageError
 from .plan import LoadPlan
 from .shards import ShardWriter
@@ -34,7 +34,13 @@ def write_artifact(plan: LoadPlan, source: Source, folder: Path, *, progress: bo
     skeleton = arch.skeleton(source.config)
     write_tokenizer(plan, source, folder)
     _write_config(plan, source, folder)
-    _write_weights(plan, source, skeleton, folder, progress)
+    warmup = kernel_cache.Warmup(plan, folder)  # compiles the patched kernels on the GPU while the weights are written
+    try:
+        _write_weights(plan, source, skeleton, folder, progress)
+        warmup.finish()
+    except BaseException:
+        kernel_cache.abort(warmup)
+        raise
     (folder / "plan.json").write_text(plan.to_json())
     manifest = _manifest(plan, folder, progress)
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))

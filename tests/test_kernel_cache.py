@@ -1,0 +1,136 @@
+"""Compiled kernels in the artifact: kernels.json always says what was shipped and why; a matching GPU gets
+the binaries unpacked into Triton's cache (atomically, never over an entry already there); anything else
+falls back to compiling with a notice. The GPU tests prove the point: no compilation on the first step."""
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+
+import loadspec
+from loadspec import kernel_cache
+from loadspec.errors import LoadspecError
+from loadspec.store import Store
+
+GPU = {"name": "NVIDIA H100 80GB HBM3", "capability": [9, 0]}
+
+
+def _artifact(tmp_path, entries: dict, gpu=GPU, triton=None, name="artifact"):
+    folder = tmp_path / name
+    folder.mkdir()
+    with tarfile.open(folder / kernel_cache.KERNELS_TAR, "w:gz") as tar:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    record = {"compiled": True, "gpu": gpu, "triton": triton or kernel_cache._triton_version(), "variants": [{}] * 2}
+    (folder / kernel_cache.KERNELS_JSON).write_text(json.dumps(record))
+    return folder
+
+
+@pytest.fixture
+def triton_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "triton-cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    monkeypatch.delenv("LOADSPEC_KERNEL_CACHE", raising=False)
+    return cache
+
+
+def test_cpu_build_records_why_nothing_was_compiled(checkpoint, write_spec, tmp_path):
+    source = checkpoint("llama")
+    built = loadspec.build(write_spec(source, name="k", load={"quant": "none"}, train={"kernels": True}),
+                           cache_dir=tmp_path, progress=False)
+    folder = Store(tmp_path).artifact_path(built.plan.fingerprint)
+    record = json.loads((folder / "kernels.json").read_text())
+    assert record["compiled"] is False and "the target is a CPU" in record["reason"]
+    assert record["kernels"] == {p["kernel"]: p["version"] for p in built.plan.patches}
+    assert "kernels.json" in json.loads((folder / "manifest.json").read_text())["files"]
+    assert not (folder / kernel_cache.KERNELS_TAR).exists()
+    assert "none in this artifact (the target is a CPU)" in kernel_cache.restore(folder)
+
+
+def test_kernels_off_is_the_reason_when_not_asked(checkpoint, write_spec, tmp_path):
+    built = loadspec.build(write_spec(checkpoint("llama"), name="plain", load={"quant": "none"}, target="h100"),
+                           cache_dir=tmp_path, progress=False)
+    record = json.loads((Store(tmp_path).artifact_path(built.plan.fingerprint) / "kernels.json").read_text())
+    assert record["compiled"] is False and record["reason"].startswith("[train] kernels is off")
+
+
+def test_restore_unpacks_missing_entries_once(tmp_path, triton_cache, monkeypatch):
+    monkeypatch.setattr(kernel_cache, "_gpu", lambda: dict(GPU))
+    folder = _artifact(tmp_path, {"abcdefgh01/k.cubin": b"\x7fELF", "abcdefgh01/__grp__k.json": b"{}",
+                                  "ijklmnop02/k.json": b"{}"})
+    (triton_cache / "ijklmnop02").mkdir(parents=True)
+    (triton_cache / "ijklmnop02" / "k.json").write_text("mine")
+    line = kernel_cache.restore(folder)
+    assert line.startswith("compiled kernels: 1 restored")
+    assert (triton_cache / "abcdefgh01" / "k.cubin").read_bytes() == b"\x7fELF"
+    assert (triton_cache / "ijklmnop02" / "k.json").read_text() == "mine"  # an existing entry is never overwritten
+    assert kernel_cache.restore(folder).startswith("compiled kernels: 0 restored")
+    assert sorted(p.name for p in triton_cache.iterdir()) == ["abcdefgh01", "ijklmnop02"]  # no staging left over
+
+
+def test_other_gpu_or_triton_falls_back_with_notice(tmp_path, triton_cache, monkeypatch):
+    monkeypatch.setattr(kernel_cache, "_gpu", lambda: {"name": "NVIDIA A100", "capability": [8, 0]})
+    folder = _artifact(tmp_path, {"abcdefgh01/k.cubin": b"x"})
+    assert "but this is NVIDIA A100 (capability [8, 0])" in kernel_cache.restore(folder)
+    monkeypatch.setattr(kernel_cache, "_gpu", lambda: dict(GPU))
+    other = _artifact(tmp_path, {"abcdefgh01/k.cubin": b"x"}, triton="2.0.0", name="old")
+    assert "with triton 2.0.0" in kernel_cache.restore(other) and "first step compiles" in kernel_cache.restore(other)
+    assert not triton_cache.exists()
+    monkeypatch.setenv("LOADSPEC_KERNEL_CACHE", "0")
+    assert "not restored ($LOADSPEC_KERNEL_CACHE=0)" in kernel_cache.restore(folder)
+
+
+@pytest.mark.parametrize("name", ["../evil/k.cubin", "abcdefgh01/../../x", "abcdefgh01/sub/k.cubin", "/abs/k"])
+def test_hostile_archive_member_refused(tmp_path, triton_cache, monkeypatch, name):
+    monkeypatch.setattr(kernel_cache, "_gpu", lambda: dict(GPU))
+    folder = _artifact(tmp_path, {name: b"x"})
+    with pytest.raises(LoadspecError, match="no Triton cache entry.*--force"):
+        kernel_cache.restore(folder)
+    assert not (tmp_path / "evil").exists()
+
+
+FIRST_STEP = """
+import json, sys, torch, triton, loadspec
+compiled = []
+triton.knobs.compilation.listener = lambda **kw: compiled.append(kw["cache_hit"])
+model, tok = loadspec.load(sys.argv[1], cache_dir=sys.argv[2], patch=True)
+model.train()
+ids = torch.randint(0, model.config.vocab_size, (1, 128), device="cuda")
+model(input_ids=ids, labels=ids).loss.backward()
+torch.cuda.synchronize()
+print("RESULT", json.dumps({"variants": len(compiled), "misses": compiled.count(False)}))
+"""
+
+
+def _first_step(name, cache_dir, triton_dir, **env):
+    run_env = dict(os.environ, TRITON_CACHE_DIR=str(triton_dir), **env)
+    run_env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-c", FIRST_STEP, name, str(cache_dir)], env=run_env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT"))[7:]), out.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_gpu_build_ships_kernels_and_first_step_compiles_nothing(checkpoint, write_spec, tmp_path, family):
+    spec = write_spec(checkpoint(family), name="kc", load={"quant": "nf4"}, target="auto", train={"kernels": True},
+                      lora={"r": 8})
+    built = loadspec.build(spec, cache_dir=tmp_path / "cache", progress=False)
+    folder = Store(tmp_path / "cache").artifact_path(built.plan.fingerprint)
+    record = json.loads((folder / "kernels.json").read_text())
+    assert record["compiled"] is True, record
+    assert record["gpu"]["capability"] == list(torch.cuda.get_device_capability())
+    assert {v["kernel"] for v in record["variants"]} >= {"_rmsnorm_fwd", "_rmsnorm_bwd"}
+    cached, notice = _first_step("kc", tmp_path / "cache", tmp_path / "triton-a")
+    assert cached["variants"] > 0 and cached["misses"] == 0, cached
+    assert "first step compiles" not in notice
+    uncached, notice = _first_step("kc", tmp_path / "cache", tmp_path / "triton-b", LOADSPEC_KERNEL_CACHE="0")
+    assert uncached["misses"] == uncached["variants"] > 0
+    assert "not restored ($LOADSPEC_KERNEL_CACHE=0)" in notice
