@@ -10,7 +10,8 @@ What each patch replaces:
   rmsnorm / rmsnorm_plus_one  the `*RMSNorm` modules' forward (Llama form / Gemma's `1 + weight`)
   swiglu / geglu              the gated `*MLP` forward: down_proj(act(gate_proj(x)) * up_proj(x)), act fused
   rope                        `apply_rotary_pos_emb` while this model's `*Attention` modules run
-  cross_entropy               the `*ForCausalLM` loss (transformers' ForCausalLMLoss without its float32 logits copy)
+  cross_entropy               the `*ForCausalLM` loss (transformers' ForCausalLMLoss without its float32 logits copy);
+                              training with labels also fuses the LM head into the loss (no full logits; `logits` is None)
 On a CPU without `TRITON_INTERPRET=1` the kernels fall back to their torch references.
 """
 from __future__ import annotations
@@ -190,11 +191,59 @@ def _patch_attention(module):
 
 
 def _patch_loss(module):
+    """The loss without float32 logits; and in training with labels, the LM head fused into the loss."""
     from .kernels.cross_entropy import causal_lm_loss
 
     if not hasattr(type(module), "loss_function"):
         raise LoadspecError(f"{type(module).__name__} has no loss_function to replace.")
-    return _swap(module, "_loss_function", causal_lm_loss)  # transformers' `loss_function` property reads it first
+    undo_loss = _swap(module, "_loss_function", causal_lm_loss)  # transformers' `loss_function` property reads it first
+    if not _head_fusable(module):
+        return undo_loss
+    undo_forward = _swap(module, _forward_slot(module), types.MethodType(_fused_head_forward(module), module))
+
+    def undo():
+        undo_forward()
+        undo_loss()
+    return undo
+
+
+def _head_fusable(module) -> bool:
+    """A plain bias-free linear LM head whose logits are not rescaled (Cohere's logit_scale, Granite's logits_scaling)."""
+    import torch
+
+    config = module.config
+    scaled = getattr(config, "logit_scale", 1.0) not in (None, 1.0) or getattr(config, "logits_scaling", 1.0) not in (None, 1.0)
+    head = getattr(module, "lm_head", None)
+    return (not scaled and type(head) is torch.nn.Linear and head.bias is None
+            and hasattr(module, getattr(module, "base_model_prefix", "") or "-"))
+
+
+def _fused_head_forward(module):
+    """Training with labels: hidden states -> fused linear cross-entropy, so the [tokens x vocab] logits never exist
+    at once (the output's `logits` is None). Anything else runs the model's own forward."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from .kernels.cross_entropy import fused_linear_cross_entropy
+
+    inner = getattr(module, _forward_slot(module))
+    softcap = getattr(module.config, "final_logit_softcapping", None)
+
+    def forward(self, *args, labels=None, **kwargs):
+        if args or labels is None or not (self.training and torch.is_grad_enabled()) or kwargs.get("return_dict") is False:
+            return inner(*args, labels=labels, **kwargs)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        kwargs.pop("logits_to_keep", None)
+        out = getattr(self, self.base_model_prefix)(**kwargs)
+        shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].to(out.last_hidden_state.device)
+        loss = fused_linear_cross_entropy(out.last_hidden_state, self.lm_head.weight, shifted, softcap=softcap,
+                                          reduction="mean" if num_items is None else "sum")
+        if num_items is not None:
+            loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
+        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(out, "past_key_values", None),
+                                      hidden_states=getattr(out, "hidden_states", None), attentions=getattr(out, "attentions", None))
+    return forward
 
 
 PATCHERS = {

@@ -62,11 +62,16 @@ def _batch(vocab: int):
 
 
 def _run(model, ids, labels):
+    """(eval-mode logits, training loss, training gradients); a patched model trains without making logits."""
     model.zero_grad(set_to_none=True)
     out = model(input_ids=ids, labels=labels)
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.logits.detach().clone(), out.loss.detach().clone(), grads
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    model.train()
+    return logits, out.loss.detach().clone(), grads, out.logits
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma"])
@@ -99,6 +104,7 @@ def test_patched_model_matches_unpatched_and_unpatch_restores(family, checkpoint
         monkeypatch.setattr(module, "use_triton", spy)
     after = _run(model, ids, labels)
     assert all(triton_calls.get(name) for name in ("rmsnorm", "rope", "swiglu", "cross_entropy")), triton_calls
+    assert before[3] is not None and after[3] is None  # training with labels: the LM head is fused into the loss
     torch.testing.assert_close(after[0], before[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(after[1], before[1], rtol=1e-4, atol=1e-4)
     assert after[2].keys() == before[2].keys()
