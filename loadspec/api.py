@@ -49,9 +49,6 @@ def plan_spec(spec_path: str | Path, *, target: str | None = None, store: Store 
         raise UsageError(str(exc)) from None
     check_adapter_path(spec)
     src = sources.resolve(spec.model)
-    if "quantization_config" in src.config:
-        raise UsageError(f"{src.location} is already quantized ({src.config['quantization_config'].get('quant_method')}); "
-                         "this loadspec version needs a 16/32-bit source. Point source at the unquantized model.")
     return Planned(spec, src, resolve(spec, machine, src, _skeleton(src.config, store)))
 
 

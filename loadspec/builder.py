@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import arch, kernel_cache
+from . import arch, fp8, kernel_cache, prequantized
 from .errors import UsageError
 from .plan import LoadPlan
 from .shards import ShardWriter
@@ -85,28 +85,37 @@ def _write_config(plan: LoadPlan, source: Source, folder: Path) -> None:
 
 
 def quantization_config(plan: LoadPlan) -> dict:
-    """The bitsandbytes `quantization_config` transformers expects in config.json."""
+    """The `quantization_config` transformers expects in config.json (bitsandbytes, or fp8's own)."""
     q = plan.quant
+    if q["method"] == "fp8":
+        return fp8.quantization_config(q)
     if q["method"] == "int8":
         return {"quant_method": "bitsandbytes", "load_in_4bit": False, "load_in_8bit": True,
                 "llm_int8_skip_modules": q["skip_modules"], "llm_int8_threshold": q["threshold"],
                 "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
     return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
             "bnb_4bit_quant_type": q["method"], "bnb_4bit_use_double_quant": q["double_quant"],
-            "bnb_4bit_compute_dtype": plan.dtype, "bnb_4bit_quant_storage": q["storage"],
+            "bnb_4bit_compute_dtype": q.get("compute_dtype", plan.dtype), "bnb_4bit_quant_storage": q["storage"],
             "llm_int8_skip_modules": q["skip_modules"], "llm_int8_threshold": 6.0,
             "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
 
 
 def stored_names(plan: LoadPlan, parameter: str) -> list[str]:
     """The safetensors keys one parameter is stored under."""
-    if parameter.endswith(".weight") and parameter[: -len(".weight")] in plan.quantized and plan.quant["method"] == "int8":
-        module = parameter[: -len(".weight")]
-        return [parameter, f"{module}.SCB", f"{module}.weight_format"]  # bitsandbytes' Linear8bitLt state dict
     if parameter.endswith(".weight") and parameter[: -len(".weight")] in plan.quantized:
-        suffixes = QUANT_SUFFIXES + (NESTED_SUFFIXES if plan.quant["double_quant"] else ())
-        return [parameter + s for s in suffixes] + [f"{parameter}.quant_state.bitsandbytes__{plan.quant['method']}"]
+        return quantized_names(parameter, plan.quant)
     return [parameter]
+
+
+def quantized_names(weight: str, quant: dict) -> list[str]:
+    """The keys of one quantized weight ('x.weight'), in the layout transformers saves for its method."""
+    module = weight[: -len(".weight")]
+    if quant["method"] == "int8":
+        return [weight, f"{module}.SCB", f"{module}.weight_format"]  # bitsandbytes' Linear8bitLt state dict
+    if quant["method"] == "fp8":
+        return [weight, f"{module}.{fp8.scale_name(quant['scaling'])}"]
+    suffixes = QUANT_SUFFIXES + (NESTED_SUFFIXES if quant["double_quant"] else ())
+    return [weight + s for s in suffixes] + [f"{weight}.quant_state.bitsandbytes__{quant['method']}"]
 
 
 def _write_weights(plan: LoadPlan, source: Source, skeleton: arch.Skeleton, folder: Path, progress: bool) -> None:
@@ -118,13 +127,17 @@ def _write_weights(plan: LoadPlan, source: Source, skeleton: arch.Skeleton, fold
     quantized = set(plan.quantized)
     dtype = getattr(torch, plan.dtype)
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")  # where 4-bit quantization runs
+    copied = prequantized.copied_names(plan)  # a pre-quantized source's stored tensors, copied unchanged
+    read = wanted | copied
     writer = ShardWriter(folder, [n for p in skeleton.parameters for n in stored_names(plan, p)])
-    total = sum(math.prod(source.tensors[n].shape) for n in wanted)
+    total = sum(math.prod(source.tensors[n].shape) for n in read)
     bar = tqdm(total=total, unit=" params", unit_scale=True, desc="build", disable=not progress)
     try:
         with _Background(writer.add) as write:  # writing overlaps quantizing; reading runs ahead in _prefetch
-            for name, tensor in _prefetch(_stream(source, wanted)):
-                if name.endswith(".weight") and name[: -len(".weight")] in quantized:
+            for name, tensor in _prefetch(_stream(source, read)):
+                if name in copied:
+                    write(name, tensor)
+                elif name.endswith(".weight") and name[: -len(".weight")] in quantized:
                     for key, value in quantize(tensor.to(device, dtype), plan, name).items():
                         write(key, value)
                 else:
@@ -140,10 +153,12 @@ def _write_weights(plan: LoadPlan, source: Source, skeleton: arch.Skeleton, fold
 
 def quantize(weight: torch.Tensor, plan: LoadPlan, name: str) -> dict[str, torch.Tensor]:
     """The stored tensors of one quantized weight: bitsandbytes' CUDA kernel on a GPU, loadspec.quant on the CPU
-    (int8: bitsandbytes' row-wise quantizer on either, from float16 as bitsandbytes' Int8Params does)."""
+    (int8: bitsandbytes' row-wise quantizer on either, from float16 as bitsandbytes' Int8Params does; fp8: loadspec.fp8)."""
     q = plan.quant
     if q["method"] == "int8":
         return quantize_int8(weight, name)
+    if q["method"] == "fp8":
+        return fp8.state_dict(weight, q["scaling"], name)
     if weight.is_cuda:
         from bitsandbytes.functional import quantize_4bit
 
@@ -261,6 +276,10 @@ def _quantizer_name(plan: LoadPlan) -> str:
     so two valid builds of one plan can differ byte for byte (each matches its own reference)."""
     if not plan.quantized:
         return "none"
+    if plan.quant.get("prequantized"):
+        return "copied from the pre-quantized source"
+    if plan.quant["method"] == "fp8":
+        return "loadspec.fp8"
     return "bitsandbytes-cuda" if torch.cuda.is_available() else "loadspec.quant (bit-exact with bitsandbytes-cpu)"
 
 

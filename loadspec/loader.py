@@ -1,7 +1,8 @@
 """Read a built artifact into `(model, tokenizer)` without re-quantizing.
 
 The model skeleton is built on the meta device (no random init, no double allocation),
-Linear layers the plan quantized become bitsandbytes `Linear4bit`, and each stored tensor
+Linear layers the plan quantized become bitsandbytes `Linear4bit` / `Linear8bitLt` (fp8:
+`loadspec.fp8.Fp8Linear`), and each stored tensor
 is assigned in place: 4-bit weights become `Params4bit` with their `QuantState` rebuilt
 from the stored statistics. Only reads; a damaged artifact is refused, never repaired.
 """
@@ -163,11 +164,16 @@ def _skeleton(folder: Path, plan: LoadPlan) -> nn.Module:
     dtype = getattr(torch, plan.dtype)
     with arch.skip_weight_init(), _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if plan.quantized:
+    if plan.quant["method"] == "fp8":
+        from .fp8 import swap_linears
+
+        swap_linears(model, plan.quantized, plan.quant["scaling"], dtype)
+    elif plan.quantized:
         import bitsandbytes as bnb
         from transformers import BitsAndBytesConfig
 
         int8 = plan.quant["method"] == "int8"
+        compute = getattr(torch, plan.quant.get("compute_dtype", plan.dtype))  # a pre-quantized source's own
         for name in plan.quantized:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
@@ -177,7 +183,7 @@ def _skeleton(folder: Path, plan: LoadPlan) -> nn.Module:
                                                            has_fp16_weights=False, threshold=plan.quant["threshold"], device="meta"))
                 continue
             setattr(parent, child, bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
-                                                     compute_dtype=dtype, compress_statistics=plan.quant["double_quant"],
+                                                     compute_dtype=compute, compress_statistics=plan.quant["double_quant"],
                                                      quant_type=plan.quant["method"], quant_storage=torch.uint8, device="meta"))
         model.config.quantization_config = BitsAndBytesConfig.from_dict(quant_config)
         model.is_loaded_in_4bit, model.is_loaded_in_8bit = not int8, int8
@@ -228,7 +234,9 @@ def _assign(model: nn.Module, stored: dict[str, torch.Tensor], folder: Path, pla
             continue  # tied to another parameter: re-tied below
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        if module_name in quantized and attr == "weight" and plan.quant["method"] == "int8":
+        if module_name in quantized and attr != "bias" and plan.quant["method"] == "fp8":
+            module._parameters[attr] = nn.Parameter(stored[name], requires_grad=False)  # fp8 codes and their scales
+        elif module_name in quantized and attr == "weight" and plan.quant["method"] == "int8":
             module.weight = _int8_params(name, stored)
         elif module_name in quantized and attr == "weight":
             module.weight = _params4bit(name, stored, module, plan.quant["method"])

@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from . import arch
+from . import arch, fp8, prequantized
 from .checkpointing import describe as describe_checkpointing
 from .errors import UsageError, did_you_mean
 from .hardware import GIB, Hardware, parse_memory
@@ -112,10 +112,13 @@ def resolve(spec: Spec, hardware: Hardware, source: Source, skeleton: arch.Skele
         ("target", hardware.describe()),
     ]
     dtype = _dtype(spec, hardware, family, reasons)
-    quant, quantized = _quant(spec, hardware, family, skeleton, reasons)
+    if "quantization_config" in source.config:  # stored quantized already: reused as it is
+        quant, quantized = prequantized.plan_quant(spec, skeleton, source, reasons)
+    else:
+        quant, quantized = _quant(spec, hardware, family, skeleton, reasons)
     overrides = _rope(spec, source.config, reasons)
     tokenizer = _tokenizer(spec, source.tokenizer, reasons)
-    sizes = _parameter_bytes(skeleton, source, dtype, set(quantized) if quant["method"] != "none" else set(), quant["method"] == "int8")
+    sizes = _parameter_bytes(skeleton, source, dtype, quant, set(quantized))
     offload = _offloaded_embedding(spec, hardware, skeleton, reasons)
     device_map, memory = _device_map(spec.load.device_map, hardware, skeleton.parameters, sizes, reasons, offload,
                                      spec.load.max_memory)
@@ -144,7 +147,7 @@ def resolve(spec: Spec, hardware: Hardware, source: Source, skeleton: arch.Skele
         lora=lora,
         train={"gradient_checkpointing": spec.train.gradient_checkpointing,
                **({"kernels": True} if spec.train.kernels else {})},  # key only when on: older plans compare equal
-        versions=dict(_versions(quant["method"] != "none")),
+        versions=dict(_versions(quant["method"] not in ("none", "fp8"))),
         reasons=tuple(reasons),
     )
 
@@ -183,8 +186,6 @@ def _quant(spec: Spec, hardware: Hardware, family: arch.Family, skeleton: arch.S
             has = "a CPU" if hardware.kind == "cpu" else f"capability {hardware.capability[0]}.{hardware.capability[1]}"
             raise UsageError(f"quant = \"fp8\" needs a GPU of capability 8.9 or newer (L4, L40S, RTX 4090, H100, H200), but the "
                              f"target {hardware.name} has {has}. Use quant = \"nf4\" or \"int8\", or target such a GPU.")
-        raise UsageError("quant = \"fp8\" (fp8 weights) is not supported by this loadspec version yet. "
-                         "Use quant = \"nf4\", \"int8\" or \"none\".")
     skip = tuple(dict.fromkeys((*family.keep_unquantized, *spec.load.skip_modules)))
     for pattern in spec.load.skip_modules:
         if not any(_matches(name, pattern) for name in skeleton.linears):
@@ -201,6 +202,14 @@ def _quant(spec: Spec, hardware: Hardware, family: arch.Family, skeleton: arch.S
                                  f"{len(quantized)} of {len(skeleton.linears)} Linear layers"))
         reasons.append(("kept 16-bit", ", ".join(skip) + " (family default" + (" + spec)" if spec.load.skip_modules else ")")))
         return {"method": "int8", "threshold": INT8_THRESHOLD, "storage": "int8", "skip_modules": list(skip)}, quantized
+    if method == "fp8":
+        scaling = spec.load.fp8_scaling
+        per = "output row; inference matmuls run in fp8 through torch._scaled_mm" if scaling == "row" else \
+            f"{fp8.BLOCK}x{fp8.BLOCK} block; matmuls dequantize the weight first"
+        reasons.append(("quant", f"fp8: float8_e4m3fn weights (1 byte/param) with float32 scales per {per}; "
+                                 f"{len(quantized)} of {len(skeleton.linears)} Linear layers"))
+        reasons.append(("kept 16-bit", ", ".join(skip) + " (family default" + (" + spec)" if spec.load.skip_modules else ")")))
+        return {"method": "fp8", "scaling": scaling, "storage": "float8_e4m3fn", "skip_modules": list(skip)}, quantized
     reasons.append(("quant", f"{method}, blocksize {BLOCKSIZE}, double quant {'on' if spec.load.double_quant else 'off'}, "
                              f"{len(quantized)} of {len(skeleton.linears)} Linear layers"))
     reasons.append(("kept 16-bit", ", ".join(skip) + " (family default" + (" + spec)" if spec.load.skip_modules else ")")))
@@ -390,15 +399,20 @@ def _tokenizer(spec: Spec, facts: dict, reasons: list) -> dict:
     return {"pad_token": pad, "padding_side": asked.padding_side, "chat_template": template or None}
 
 
-def _parameter_bytes(skeleton: arch.Skeleton, source: Source, dtype: str, quantized: set[str], int8: bool = False) -> dict[str, int]:
-    """Bytes each parameter takes once built: 4-bit packed + scales, int8 + row scales, or `dtype`."""
+def _parameter_bytes(skeleton: arch.Skeleton, source: Source, dtype: str, quant: dict, quantized: set[str]) -> dict[str, int]:
+    """Bytes each parameter takes once built: a pre-quantized source's stored tensors, int8 + row scales,
+    fp8 + scales, 4-bit packed + scales, or `dtype`."""
     sizes = {}
     for name in skeleton.parameters:
         info = source.tensors.get(name)
         numel = math.prod(info.shape) if info else 0
         module = name.rsplit(".", 1)[0]
-        if module in quantized and name.endswith(".weight") and int8:
+        if module in quantized and name.endswith(".weight") and quant.get("prequantized"):
+            sizes[name] = prequantized.stored_bytes(source, name, quant)
+        elif module in quantized and name.endswith(".weight") and quant["method"] == "int8":
             sizes[name] = numel + 4 * (info.shape[0] if info else 0)  # int8 weight + float32 row scales (SCB)
+        elif module in quantized and name.endswith(".weight") and quant["method"] == "fp8":
+            sizes[name] = fp8.stored_bytes(info.shape, quant["scaling"]) if info else 0
         elif module in quantized and name.endswith(".weight"):
             blocks = -(-numel // BLOCKSIZE)
             sizes[name] = -(-numel // 2) + blocks + 4 * -(-blocks // 256) + 4 * (16 + 256) + 256

@@ -44,7 +44,8 @@ class ModelSection:
 class LoadSection:
     max_seq_length: int = _field(0, kind="int", help="longest sequence you will train on; 0 = the model's own context. Longer than the model's context -> RoPE scaling")
     dtype: str = _field("auto", kind="str", help="compute dtype", choices=("auto", "bfloat16", "float16", "float32"))
-    quant: str = _field("nf4", kind="str", help="weight format: 4-bit NormalFloat, 4-bit float, 8-bit LLM.int8, fp8 (refused at plan time: not supported yet), or 16-bit", choices=("nf4", "fp4", "int8", "fp8", "none"))
+    quant: str = _field("nf4", kind="str", help="weight format: 4-bit NormalFloat, 4-bit float, 8-bit LLM.int8, fp8 (float8_e4m3fn, GPUs of capability >= 8.9), or 16-bit", choices=("nf4", "fp4", "int8", "fp8", "none"))
+    fp8_scaling: str = _field("row", kind="str", help="fp8 scales: one per output row, or one per 128x128 block (DeepSeek / fine-grained FP8)", choices=("row", "block"))
     double_quant: bool = _field(True, kind="bool", help="also quantize the 4-bit block scales (saves ~0.4 bit/weight)")
     skip_modules: tuple[str, ...] = _field((), kind="strlist", help="module names kept unquantized, beyond the family's own list")
     device_map: Any = _field("sequential", kind="device_map", help="'sequential' (fill GPU 0 first), 'balanced', or a table of block -> device, e.g. {\"model.embed_tokens\" = \"cuda:0\", \"model.layers\" = \"cuda:1\"} (a key covers the blocks it prefixes)")
@@ -348,6 +349,9 @@ def _check_combinations(data: dict, sections: dict, lines: dict, problems: list[
                 fix = "remove it" + (", or set quant = \"nf4\"" if load.quant == "none" else "")
                 problems.append(Problem(f"load.{key}", f"applies only to {'4-bit ' if key == 'double_quant' else ''}quantization, but "
                                         f"quant = \"{load.quant}\"", lines.get(f"load.{key}"), fix))
+    if load.quant != "fp8" and "fp8_scaling" in load_table:
+        problems.append(Problem("load.fp8_scaling", f"applies only to fp8 weights, but quant = \"{load.quant}\"",
+                                lines.get("load.fp8_scaling"), "remove it, or set quant = \"fp8\""))
     tokenizer = sections.get("tokenizer")
     if tokenizer is not None and tokenizer.chat_template and "{" not in tokenizer.chat_template \
             and tokenizer.chat_template not in CHAT_TEMPLATE_NAMES:

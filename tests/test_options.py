@@ -32,11 +32,11 @@ README_ROWS = {
     "use_gradient_checkpointing": "tests/test_checkpointing.py",
     "revision": "tests/test_hub_source.py::test_offline_revision_pinned_to_commit",
     "offload_embedding": "tests/test_options.py::test_offload_embedding_plans_embedding_on_cpu",
-    "load_in_fp8": "tests/test_options.py::test_fp8_refused_with_capability_or_not_supported",
+    "load_in_fp8": "tests/test_fp8.py::test_fp8_build_load_close_to_16bit",
     "random_state": "tests/test_lora.py",
     "fix_tokenizer": "tests/test_pipeline.py::test_tokenizer_fixes_applied",
     "float32_mixed_precision": "tests/test_plan.py::test_dtype_follows_capability",
-    "quantization_config": "tests/test_options.py::test_prequantized_source_refused_with_fix",
+    "quantization_config": "tests/test_prequantized.py::test_prequantized_build_load_equals_transformers",
 }
 
 
@@ -98,14 +98,6 @@ def test_int8_plan_sizes_and_flags():
         plan_for('quant = "int8"\ndouble_quant = false')
 
 
-def test_fp8_refused_with_capability_or_not_supported():
-    for target in ("cpu", "t4", "a100"):
-        with pytest.raises(UsageError, match=r"capability 8\.9 or newer.*nf4"):
-            plan_for('quant = "fp8"', target=target)
-    with pytest.raises(UsageError, match="fp8 weights.*not supported by this loadspec version yet"):
-        plan_for('quant = "fp8"', target="h100")
-
-
 def test_full_finetuning_loads_16bit_and_trains_every_weight(checkpoint, write_spec, tmp_path):
     built = loadspec.build(write_spec(checkpoint("qwen3"), name="fft", load={"full_finetuning": True}), cache_dir=tmp_path, progress=False)
     assert built.plan.quant == {"method": "none"} and built.plan.quantized == ()
@@ -145,20 +137,6 @@ def test_trust_remote_code_recorded_and_fingerprinted():
                       source_for(TINY_MISTRAL))
     assert trusted.source["trust_remote_code"] is True and plain.source["trust_remote_code"] is False
     assert plain.fingerprint != trusted.fingerprint  # the source's own code may be saved into the artifact
-
-
-def test_prequantized_source_refused_with_fix(tmp_path, checkpoint):
-    import shutil
-
-    folder = tmp_path / "prequant"
-    shutil.copytree(checkpoint("llama"), folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
-    (folder / "config.json").write_text(json.dumps(config))
-    spec = tmp_path / "p.toml"
-    spec.write_text(f'name = "p"\n[model]\nsource = "{folder}"\n[target]\ngpu = "cpu"\n')
-    with pytest.raises(UsageError, match="already quantized \\(bitsandbytes\\).*unquantized model"):
-        loadspec.plan_spec(spec)
 
 
 @pytest.mark.gpu
