@@ -16,6 +16,7 @@ from .lora import check_adapter_path
 from .plan import LoadPlan, resolve
 from .spec import Spec, load_spec
 from .store import Store
+from .vocab import with_vocabulary
 
 
 TRAINING_KEY = "training:"  # store index: name -> {"lora", "train"} of the spec it was last built from
@@ -48,7 +49,7 @@ def plan_spec(spec_path: str | Path, *, target: str | None = None, store: Store 
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     check_adapter_path(spec)
-    src = sources.resolve(spec.model)
+    src = with_vocabulary(spec, sources.resolve(spec.model))  # reads the tokenizer only if [tokenizer] adds tokens or resizes
     return Planned(spec, src, resolve(spec, machine, src, _skeleton(src.config, store)))
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import queue
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ from .plan import LoadPlan
 from .shards import ShardWriter
 from .source import Source
 from .store import sha256_file
+from .vocab import add_tokens, open_tokenizer, resize_rows
 
 QUANT_SUFFIXES = ("", ".absmax", ".quant_map")
 NESTED_SUFFIXES = (".nested_absmax", ".nested_quant_map")
@@ -48,21 +48,13 @@ def write_artifact(plan: LoadPlan, source: Source, folder: Path, *, progress: bo
 
 
 def write_tokenizer(plan: LoadPlan, source: Source, folder: Path) -> None:
-    """Save the source's tokenizer with the plan's fixes (pad token, padding side, chat template)."""
-    from transformers import AutoTokenizer
-
-    with tempfile.TemporaryDirectory(prefix="loadspec-tok-") as tmp:
-        tok_dir = source.path
-        if source.kind == "gguf":
-            from . import gguf
-
-            gguf.save_tokenizer(source.path, Path(tmp))
-            tok_dir = Path(tmp)
-        fixes = plan.tokenizer
-        # passed at load so that save_pretrained records it (a later attribute change is not saved)
-        # the source's own Python code (auto_map) runs only when the spec says trust_remote_code = true
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir, padding_side=fixes["padding_side"],
-                                                  trust_remote_code=bool(plan.source.get("trust_remote_code", False)))
+    """Save the source's tokenizer with the plan's fixes (added tokens, pad token, padding side, chat template)."""
+    fixes = plan.tokenizer
+    # padding side passed at load so that save_pretrained records it (a later attribute change is not saved)
+    # the source's own Python code (auto_map) runs only when the spec says trust_remote_code = true
+    tokenizer = open_tokenizer(source, padding_side=fixes["padding_side"],
+                               trust_remote_code=bool(plan.source.get("trust_remote_code", False)))
+    add_tokens(tokenizer, fixes)  # before the pad check: the pad token may be an added one
     if fixes["pad_token"] not in tokenizer.get_vocab():
         raise UsageError(f"[tokenizer] pad_token {fixes['pad_token']!r} is not in the tokenizer's vocabulary; "
                          "use 'auto' or one of its special tokens " + str(tokenizer.all_special_tokens[:8]))
@@ -135,6 +127,7 @@ def _write_weights(plan: LoadPlan, source: Source, skeleton: arch.Skeleton, fold
     try:
         with _Background(writer.add) as write:  # writing overlaps quantizing; reading runs ahead in _prefetch
             for name, tensor in _prefetch(_stream(source, read)):
+                tensor = resize_rows(plan.tokenizer, name, tensor)  # added tokens: new embedding / LM head rows
                 if name in copied:
                     write(name, tensor)
                 elif name.endswith(".weight") and name[: -len(".weight")] in quantized:

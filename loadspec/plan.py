@@ -23,6 +23,7 @@ from .lora import plan_lora
 from .patches import choose as choose_patches
 from .source import Source
 from .spec import Spec
+from .vocab import plan_vocab
 
 FORMAT_VERSION = 1
 BLOCKSIZE = 64
@@ -118,6 +119,8 @@ def resolve(spec: Spec, hardware: Hardware, source: Source, skeleton: arch.Skele
         quant, quantized = _quant(spec, hardware, family, skeleton, reasons)
     overrides = _rope(spec, source.config, reasons)
     tokenizer = _tokenizer(spec, source.tokenizer, reasons)
+    added, resized = plan_vocab(spec, source, skeleton, reasons)  # added tokens and embedding rows change the artifact
+    tokenizer, overrides = {**tokenizer, **added}, {**overrides, **resized}
     sizes = _parameter_bytes(skeleton, source, dtype, quant, set(quantized))
     offload = _offloaded_embedding(spec, hardware, skeleton, reasons)
     device_map, memory = _device_map(spec.load.device_map, hardware, skeleton.parameters, sizes, reasons, offload,

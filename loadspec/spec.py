@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from . import vocab
 from .errors import Problem, SpecError, did_you_mean
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -65,6 +66,10 @@ class TokenizerSection:
     pad_token: str = _field("auto", kind="str", help="'auto' keeps the pad token or reuses unk, else eos; or a token string already in the vocabulary")
     padding_side: str = _field("right", kind="str", help="side padding goes on", choices=("right", "left"))
     chat_template: str = _field("", kind="str", help="a built-in template name (chatml, llama3) or a Jinja chat template replacing the model's own; empty keeps it")
+    added_tokens: tuple[str, ...] = _field((), kind="tokens", help="tokens added to the tokenizer, with new ids after its last; the embedding grows when they do not fit")
+    added_special_tokens: tuple[str, ...] = _field((), kind="tokens", help="as added_tokens, marked special (never split, dropped by decode(skip_special_tokens=True))")
+    resize_vocab: Any = _field(None, kind="resize", help="true: grow the embeddings to fit the tokenizer; a number: exactly that many rows; false: never grow (added tokens must fit). Unset: grow only when added tokens need it")
+    pad_vocab_to_multiple_of: int = _field(0, kind="multiple", help="round a growing vocabulary up to a multiple of this (e.g. 64); 0 = no rounding")
 
 
 @attrs.frozen
@@ -180,6 +185,8 @@ def _check_value(key: str, value: Any, meta: dict) -> tuple[str, str]:
     kind, choices = meta["kind"], meta["choices"]
     if kind in TRAINING_KINDS:
         return TRAINING_KINDS[kind](key, value)
+    if kind in vocab.SPEC_KINDS:
+        return vocab.SPEC_KINDS[kind](key, value)
     if kind == "str" and not isinstance(value, str):
         return f"must be a string, got {_type_name(value)}", f'write {key} = "..."'
     if kind == "bool" and not isinstance(value, bool):
@@ -358,6 +365,8 @@ def _check_combinations(data: dict, sections: dict, lines: dict, problems: list[
         problems.append(Problem("tokenizer.chat_template", f"{tokenizer.chat_template!r} is neither a built-in template "
                                 f"({', '.join(CHAT_TEMPLATE_NAMES)}) nor a Jinja template." + did_you_mean(tokenizer.chat_template, CHAT_TEMPLATE_NAMES),
                                 lines.get("tokenizer.chat_template"), f"use one of: {', '.join(CHAT_TEMPLATE_NAMES)}, or write the Jinja text"))
+    if tokenizer is not None:
+        problems += vocab.check_spec(tokenizer, lines)
     model = sections.get("model")
     if model is not None and not model.source.strip():
         problems.append(Problem("model.source", "is empty", lines.get("model.source"), 'write source = "org/name" or a local path'))

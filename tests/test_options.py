@@ -25,6 +25,8 @@ README_ROWS = {
     "load_in_8bit": "tests/test_options.py::test_int8_build_load_matches_transformers",
     "load_in_16bit": "tests/test_pipeline.py::test_build_load_matches_transformers",
     "full_finetuning": "tests/test_options.py::test_full_finetuning_loads_16bit_and_trains_every_weight",
+    "resize_model_vocab": "tests/test_vocab.py::test_resize_vocab_decisions_and_fingerprints",
+    "add_new_tokens": "tests/test_vocab.py::test_added_tokens_grow_the_embedding_and_keep_old_logits",
     "token": "tests/test_hub_source.py::test_token_read_from_env_and_never_written",
     "device_map": "tests/test_plan.py::test_device_map_spills_to_second_gpu_and_refuses_when_too_big",
     "rope_scaling": "tests/test_rope.py::test_override_honoured_exactly_beyond_4x",

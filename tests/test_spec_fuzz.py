@@ -79,6 +79,7 @@ ACCEPTS = {  # kind -> value families that can be valid for it (everything else 
     "str": {"string"}, "bool": {"bool"}, "int": {"int"}, "strlist": {"string list"}, "gpu": {"string", "table"},
     "rank": {"int"}, "positive": {"int", "float"}, "fraction": {"int", "float"}, "seed": {"int"},
     "targets": {"string", "string list"}, "checkpointing": {"bool", "string"}, "table": {"table"},
+    "tokens": {"string list"}, "resize": {"bool", "int"}, "multiple": {"int"},
 }
 OUT_OF_RANGE = {
     "int": st.integers(-(2**40), -1) | st.integers(10_000_001, 2**40),
@@ -86,6 +87,8 @@ OUT_OF_RANGE = {
     "positive": st.floats(max_value=0) | st.floats(min_value=1_000_001, exclude_min=True) | st.just(math.nan),
     "fraction": st.floats(max_value=0, exclude_max=True) | st.floats(min_value=1) | st.just(math.nan),
     "seed": st.integers(-(2**40), -1),
+    "resize": st.integers(-(2**40), 0) | st.integers(10_000_001, 2**40),
+    "multiple": st.integers(-(2**40), -1) | st.integers(65537, 2**40),
     "gpu": st.fixed_dictionaries({"capability": st.just("8.0"), "memory": st.just("80GiB"),
                                   "count": st.integers(-5, 0) | st.integers(1025, 10**6) | st.booleans()}),
 }
@@ -127,6 +130,9 @@ def valid_value(section, key, field, source="org/model"):
         | st.lists(st.sampled_from(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]) | IDENT,
                    min_size=1, max_size=4),
         "checkpointing": st.sampled_from([False, True, "offload"]),
+        "tokens": st.lists(st.sampled_from(["<tool_call>", "</tool_call>", "the", "</s>"]), unique=True, max_size=2),
+        "resize": st.booleans() | st.integers(1, 1024),
+        "multiple": st.sampled_from([0, 8, 64]),
         "table": st.fixed_dictionaries({"rope_type": st.sampled_from(["linear", "yarn", "dynamic", "llama3", "default", "bogus"])},
                                        optional={"factor": st.floats(0.5, 16) | st.integers(-2, 16) | st.text(max_size=3),
                                                  "original_max_position_embeddings": st.integers(-8, 4096)}),
