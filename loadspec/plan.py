@@ -18,6 +18,7 @@ import attrs
 from . import arch, fp8, prequantized
 from .checkpointing import describe as describe_checkpointing
 from .errors import UsageError, did_you_mean
+from .finetune import full_finetuning_reasons
 from .hardware import GIB, Hardware, parse_memory
 from .lora import plan_lora
 from .patches import choose as choose_patches
@@ -129,6 +130,7 @@ def resolve(spec: Spec, hardware: Hardware, source: Source, skeleton: arch.Skele
     reasons.append(("patches", patches_why))
     lora, lora_reasons = plan_lora(spec, family, skeleton, source, quantized if quant["method"] != "none" else ())
     reasons += lora_reasons
+    reasons += full_finetuning_reasons(spec, skeleton, source, quantized if quant["method"] != "none" else ())
     reasons.append(("train", describe_checkpointing(spec.train.gradient_checkpointing, hardware.kind)))
     return LoadPlan(
         format_version=FORMAT_VERSION,

@@ -52,7 +52,7 @@ class LoadSection:
     device_map: Any = _field("sequential", kind="device_map", help="'sequential' (fill GPU 0 first), 'balanced', or a table of block -> device, e.g. {\"model.embed_tokens\" = \"cuda:0\", \"model.layers\" = \"cuda:1\"} (a key covers the blocks it prefixes)")
     max_memory: Any = _field(None, kind="max_memory", help="memory each device may hold for weights, e.g. {\"cuda:0\" = \"20GiB\", \"cuda:1\" = \"40GiB\"}; replaces the target's per-GPU budget")
     rope_scaling: Any = _field(None, kind="table", help="an explicit RoPE table written into config.json as given, e.g. {rope_type = \"yarn\", factor = 8.0, original_max_position_embeddings = 32768}; needed beyond 4x")
-    full_finetuning: bool = _field(False, kind="bool", help="train every weight: 16-bit weights (quant defaults to \"none\"), all parameters trainable; no [lora]")
+    full_finetuning: bool = _field(False, kind="bool", help="train the model itself, no [lora]: quant defaults to \"none\" (every weight trains); with quant = \"nf4\"/\"fp4\"/\"int8\" the 16-bit weights train and the quantized ones stay frozen")
     offload_embedding: bool = _field(False, kind="bool", help="keep the input embedding in CPU memory (GPU targets); saves its GPU memory")
 
 
@@ -337,11 +337,10 @@ def _check_combinations(data: dict, sections: dict, lines: dict, problems: list[
     if load.full_finetuning:
         if "quant" not in load_table:
             load = sections["load"] = attrs.evolve(load, quant="none")  # full fine-tuning is 16-bit unless asked otherwise
-        elif load.quant != "none":
-            problems.append(Problem("load.full_finetuning", f"full fine-tuning trains every weight, but quant = \"{load.quant}\" stores "
-                                    "them quantized, and quantized weights cannot take gradient updates", lines.get("load.quant"),
-                                    "remove quant (full fine-tuning loads 16-bit weights), or set full_finetuning = false and add "
-                                    "a [lora] section to train an adapter on the quantized model"))
+        elif load.quant == "fp8":  # 4/8-bit bitsandbytes weights stay frozen beside the trained 16-bit ones; fp8 has no such path
+            problems.append(Problem("load.full_finetuning", "full fine-tuning next to fp8 weights is not supported: they take no "
+                                    "gradient updates, and training beside them is untested", lines.get("load.quant"), 'use quant = "none" (train every weight), '
+                                    'or "nf4" / "int8" (train the 16-bit weights, quantized ones stay frozen)'))
         for section in ("lora",):
             if section in sections:
                 problems.append(Problem("load.full_finetuning", "full fine-tuning trains the model itself, so a new [lora] adapter "

@@ -24,7 +24,8 @@ README_ROWS = {
     "load_in_4bit": "tests/test_pipeline.py::test_build_load_matches_transformers",
     "load_in_8bit": "tests/test_options.py::test_int8_build_load_matches_transformers",
     "load_in_16bit": "tests/test_pipeline.py::test_build_load_matches_transformers",
-    "full_finetuning": "tests/test_options.py::test_full_finetuning_loads_16bit_and_trains_every_weight",
+    "full_finetuning": ("tests/test_options.py::test_full_finetuning_loads_16bit_and_trains_every_weight",
+                        "tests/test_finetune.py::test_full_finetuning_on_4bit_trains_16bit_weights_and_freezes_quantized"),
     "resize_model_vocab": "tests/test_vocab.py::test_resize_vocab_decisions_and_fingerprints",
     "add_new_tokens": "tests/test_vocab.py::test_added_tokens_grow_the_embedding_and_keep_old_logits",
     "token": "tests/test_hub_source.py::test_token_read_from_env_and_never_written",
@@ -58,10 +59,11 @@ def test_readme_rows_name_real_tests():
 
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
-    for parameter, test in README_ROWS.items():
-        path, _, name = test.partition("::")
-        assert (root / path).is_file(), test
-        assert not name or f"def {name}(" in (root / path).read_text(), test
+    for parameter, tests in README_ROWS.items():
+        for test in [tests] if isinstance(tests, str) else tests:
+            path, _, name = test.partition("::")
+            assert (root / path).is_file(), test
+            assert not name or f"def {name}(" in (root / path).read_text(), test
         assert f"| `{parameter}`" in readme, f"README lacks a row for {parameter}"
 
 
@@ -110,14 +112,6 @@ def test_full_finetuning_loads_16bit_and_trains_every_weight(checkpoint, write_s
     ids = tokenizer("a b c", return_tensors="pt").input_ids
     model(ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in params)
-
-
-def test_full_finetuning_conflicts_rejected_with_fix():
-    with pytest.raises(SpecError, match=r'(?s)quant = "nf4".*cannot take gradient updates.*remove quant'):
-        plan_for('full_finetuning = true\nquant = "nf4"')
-    with pytest.raises(SpecError, match=r"\[lora\] adapter would only freeze it"):
-        parse_spec('name = "t"\n[model]\nsource = "/x"\n[load]\nfull_finetuning = true\n[lora]\nr = 8\n')
-    assert plan_for('full_finetuning = true\nquant = "none"').quant == {"method": "none"}
 
 
 def test_offload_embedding_plans_embedding_on_cpu():
