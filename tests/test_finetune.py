@@ -25,15 +25,30 @@ def test_full_finetuning_on_4bit_trains_16bit_weights_and_freezes_quantized(fami
     else:
         assert not frozen and why.startswith("every parameter trains")
 
+    assert one_step_moves_only_trainable(model, tokenizer) == frozen
+
+
+def one_step_moves_only_trainable(model, tokenizer) -> set[str]:
+    """Take one SGD step; check every trainable weight moved; return the names of those whose bytes did not change."""
+    params = dict(model.named_parameters())
     before = {n: p.detach().clone() for n, p in params.items()}
-    trainable = [p for p in params.values() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=1.0)
+    optimizer = torch.optim.SGD([p for p in params.values() if p.requires_grad], lr=1.0)
     model.train()
-    ids = tokenizer("What is the capital of France? Paris", return_tensors="pt").input_ids
+    ids = tokenizer("What is the capital of France? Paris", return_tensors="pt").input_ids.to(model.device)
     model(ids, labels=ids).loss.backward()
     optimizer.step()
-    for name, param in params.items():
-        assert torch.equal(param, before[name]) == (name in frozen), name  # trained weights moved, quantized bytes did not
+    unchanged = {n for n, p in params.items() if torch.equal(p, before[n])}
+    assert not any(params[n].requires_grad for n in unchanged), unchanged
+    return unchanged
+
+
+@pytest.mark.gpu
+def test_full_finetuning_on_4bit_trains_on_gpu(checkpoint, write_spec, tmp_path):
+    built = loadspec.build(write_spec(checkpoint("llama"), name="fftgpu", load={"full_finetuning": True, "quant": "nf4"},
+                                      target="auto"), cache_dir=tmp_path, progress=False)
+    model, tokenizer = loadspec.load("fftgpu", cache_dir=tmp_path)
+    assert model.device.type == "cuda"
+    assert one_step_moves_only_trainable(model, tokenizer) == {f"{m}.weight" for m in built.plan.quantized}
 
 
 def test_full_finetuning_refuses_what_cannot_work():

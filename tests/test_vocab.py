@@ -131,3 +131,16 @@ def test_spec_problems_reported_together_with_lines(tmp_path):
     assert "fix: set resize_vocab = 640, or resize_vocab = true" in str(error.value)
     with pytest.raises(SpecError, match="pad_vocab_to_multiple_of: rounds the vocabulary when it grows, but nothing makes it grow"):
         loadspec.spec.parse_spec('name = "x"\n[model]\nsource = "a/b"\n[tokenizer]\npad_vocab_to_multiple_of = 64\n')
+
+
+@pytest.mark.gpu
+def test_added_tokens_on_gpu_keep_old_logits(checkpoint, write_spec, tmp_path):
+    for name, tokenizer in (("grown", ADDED), ("plain", None)):
+        loadspec.build(write_spec(checkpoint("llama"), name=name, target="auto", tokenizer=tokenizer), cache_dir=tmp_path, progress=False)
+    (grown, tokenizer), (plain, _) = (loadspec.load(n, cache_dir=tmp_path) for n in ("grown", "plain"))
+    ids = tokenizer(PROMPT + " <tool_call>", return_tensors="pt").input_ids.cuda()
+    assert ids[0, -1].item() == 512 and grown.get_input_embeddings().weight.shape[0] == 576
+    with torch.no_grad():
+        # the LM head's GEMM has 576 columns instead of 512: cuBLAS may pick another kernel, so allow bf16 rounding
+        torch.testing.assert_close(grown(ids[:, :-1]).logits[..., :512], plain(ids[:, :-1]).logits)
+        assert grown(ids).logits.shape[-1] == 576
