@@ -83,11 +83,10 @@ class Warmup:
         env = dict(os.environ, TRITON_CACHE_DIR=str(self.work / "cache"), LOADSPEC_KERNEL_CACHE="0")
         env.pop("TRITON_INTERPRET", None)
         self.started = time.perf_counter()
+        (self.work / "plan.json").write_text(plan.to_json())
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "loadspec.kernel_warmup", str(folder), str(self.work / "compiled.json")],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-        self.process.stdin.write(plan.to_json())
-        self.process.stdin.close()
+            [sys.executable, "-m", "loadspec.kernel_warmup", str(folder), str(self.work / "plan.json"),
+             str(self.work / "compiled.json")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
 
     def finish(self) -> dict:
         """Wait for the warm-up, pack what it compiled into the artifact, write kernels.json; returns the record."""

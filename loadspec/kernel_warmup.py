@@ -1,4 +1,4 @@
-"""`python -m loadspec.kernel_warmup FOLDER OUT.json` (plan JSON on stdin): compile the plan's patched kernels.
+"""`python -m loadspec.kernel_warmup FOLDER PLAN.json OUT.json`: compile the plan's patched kernels.
 
 Runs each patched kernel forward and backward on a one-layer copy of the model in FOLDER/config.json,
 on this GPU, in the plan's dtype, as QLoRA trains (frozen weights, gradients through the activations)
@@ -24,14 +24,14 @@ def _one_layer_config(config: dict) -> dict:
     return config
 
 
-def main(folder: str, out: str) -> None:
+def main(folder: str, plan_path: str, out: str) -> None:
     import torch
     import triton
 
     from . import arch, patches
     from .plan import LoadPlan
 
-    plan = LoadPlan.from_json(sys.stdin.read())
+    plan = LoadPlan.from_json(Path(plan_path).read_text())
     variants: list[dict] = []
 
     def listen(*, src, metadata, metadata_group, times, cache_hit):
@@ -60,4 +60,4 @@ def main(folder: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

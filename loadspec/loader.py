@@ -115,6 +115,9 @@ def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = Non
     # imported and the skeleton is built (seconds in a fresh process), and the tokenizer parses.
     with ThreadPoolExecutor(max_workers=2) as pool:
         stored = pool.submit(_read, folder, plan, device_map)
+        # transformers' lazy module is not safe to import from two threads at once in a fresh process (an
+        # intermittent "cannot import name AutoModelForCausalLM"): both names are imported here, first
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
         tokenizer = pool.submit(_tokenizer, folder, plan)
         model = _skeleton(folder, plan)
         _assign(model, stored.result(), folder, plan)

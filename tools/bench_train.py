@@ -1,0 +1,115 @@
+"""One QLoRA training step of the 1B Llama shape on the model `loadspec.load` returns, beside the anchors.
+
+  python tools/bench_train.py prep ROOT                 specs + artifact for ROOT/bf16 (made by train_step.py prep)
+  python tools/bench_train.py measure ROOT SEQ [CASE]   fresh process per case: median step, peak GPU memory
+  python tools/bench_train.py first-step ROOT           fresh process to the end of the first step, with and
+                                                        without the compiled kernels shipped in the artifact
+The step is the anchor's own loop (`train_step.py`'s LOOP: batch 1, AdamW on the LoRA parameters, median of
+steps 3-12, peak after step 2), imported from $ANCHORS (default ../shared/anchors), so both sides run the
+same code. LoRA as the anchor's: r=16, alpha=16, dropout 0, q/k/v/o/gate/up/down; NF4 with double quant.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ANCHORS = os.environ.get("ANCHORS", str(Path(__file__).resolve().parents[1].parent / "shared" / "anchors"))
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CASES = {  # name -> (gradient_checkpointing, fused kernels)
+    "loadspec_gc_false": (False, False),
+    "loadspec_gc_true": (True, False),
+    "loadspec_gc_offload": ("offload", False),
+    "loadspec_gc_false_kernels": (False, True),
+    "loadspec_gc_true_kernels": (True, True),
+    "loadspec_gc_offload_kernels": ("offload", True),
+}
+ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _spec(root: Path, name: str, checkpointing, kernels: bool) -> Path:
+    gc = f'"{checkpointing}"' if isinstance(checkpointing, str) else str(checkpointing).lower()
+    native = json.loads((root / "bf16" / "config.json").read_text())["max_position_embeddings"]  # no RoPE change
+    text = (f'name = "{name}"\n[model]\nsource = "{root / "bf16"}"\n[target]\ngpu = "auto"\n'
+            f'[load]\nquant = "nf4"\nmax_seq_length = {native}\n'
+            f'[lora]\nr = 16\nalpha = 16\ndropout = 0.0\nbias = "none"\ntarget_modules = {json.dumps(TARGETS)}\nrandom_state = 3407\n'
+            f'[train]\ngradient_checkpointing = {gc}\nkernels = {str(kernels).lower()}\n')
+    path = root / "specs" / f"{name}.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def prep(root: Path) -> None:
+    """Build once (the kernels spec first, so the artifact ships compiled kernels); every case shares the artifact."""
+    import loadspec
+
+    ordered = sorted(CASES, key=lambda case: not CASES[case][1])
+    for case in ordered:
+        start = time.perf_counter()
+        built = loadspec.build(_spec(root, case, *CASES[case]), cache_dir=root / "cache", progress=False)
+        print(json.dumps({"case": case, "build_s": round(time.perf_counter() - start, 2), "fingerprint": built.plan.fingerprint,
+                          "cached": built.cached}), flush=True)
+
+
+def _loop() -> str:
+    sys.path.insert(0, ANCHORS)
+    from train_step import LOOP  # the anchor's measurement loop, verbatim
+
+    return LOOP
+
+
+def measure(root: Path, seq: int, cases: list[str]) -> None:
+    loop = _loop()
+    for case in cases or list(CASES):
+        code = (f"import loadspec\nm, tok = loadspec.load({case!r}, cache_dir={str(root / 'cache')!r})\nSEQ = {seq}\n"
+                + loop)
+        start = time.perf_counter()
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=500,
+                             env={**os.environ, **ENV})
+        lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]
+        result = json.loads(lines[0][7:]) if lines else {"error": (run.stdout[-400:] + run.stderr[-1500:]).strip()}
+        print(json.dumps({"case": case, "seq": seq, **result, "process_s": round(time.perf_counter() - start, 2)}), flush=True)
+
+
+FIRST_STEP = """
+import loadspec, torch
+m, tok = loadspec.load({name!r}, cache_dir={cache!r})
+m.train()
+opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+ids = torch.randint(0, 49152, (1, {seq}), device='cuda')
+m(input_ids=ids, labels=ids).loss.backward(); opt.step(); torch.cuda.synchronize()
+"""
+
+
+def first_step(root: Path, seq: int = 4096, case: str = "loadspec_gc_offload_kernels") -> None:
+    """Wall time of a whole fresh process (interpreter start to the first optimizer step) against an empty
+    Triton cache: once restoring the artifact's compiled kernels, once compiling them."""
+    code = FIRST_STEP.format(name=case, cache=str(root / "cache"), seq=seq)
+    for label, restore in (("warm_pycache", "1"), ("with_shipped_kernels", "1"), ("without_shipped_kernels", "0"),
+                           ("with_shipped_kernels", "1"), ("without_shipped_kernels", "0")):
+        with tempfile.TemporaryDirectory() as triton_dir:
+            env = {**os.environ, **ENV, "TRITON_CACHE_DIR": triton_dir, "LOADSPEC_KERNEL_CACHE": restore}
+            start = time.perf_counter()
+            run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=500, env=env)
+            seconds = round(time.perf_counter() - start, 2)
+        out = {"case": label, "seq": seq, "process_to_first_step_s": seconds}
+        if run.returncode:
+            out["error"] = run.stderr[-1500:]
+        print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    phase, root = sys.argv[1], Path(sys.argv[2])
+    if phase == "prep":
+        prep(root)
+    elif phase == "measure":
+        measure(root, int(sys.argv[3]), sys.argv[4:])
+    elif phase == "first-step":
+        first_step(root)
+    else:
+        sys.exit(__doc__)
