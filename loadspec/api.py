@@ -199,8 +199,8 @@ def _restore_kernels(folder: Path) -> None:
     from .kernel_cache import restore
 
     if torch.cuda.is_available():
-        line = restore(folder)
-        if "first step compiles" in line:
+        compiles, line = restore(folder)
+        if compiles:
             print(f"loadspec: {line}", file=sys.stderr)
 
 

@@ -39,7 +39,7 @@ def write_artifact(plan: LoadPlan, source: Source, folder: Path, *, progress: bo
         _write_weights(plan, source, skeleton, folder, progress)
         warmup.finish()
     except BaseException:
-        kernel_cache.abort(warmup)
+        warmup.abort()
         raise
     (folder / "plan.json").write_text(plan.to_json())
     manifest = _manifest(plan, folder, progress)

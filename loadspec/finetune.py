@@ -20,8 +20,10 @@ def full_finetuning_reasons(spec: "Spec", skeleton: "arch.Skeleton", source: "So
     """The plan's reason line for full fine-tuning (none when it is off)."""
     if not spec.load.full_finetuning:
         return []
-    frozen = [name for name in skeleton.parameters if name.endswith(".weight") and name[: -len(".weight")] in set(quantized)]
-    trainable = [name for name in skeleton.parameters if name not in set(frozen)]
+    quantized_modules = set(quantized)
+    frozen = [name for name in skeleton.parameters if name.endswith(".weight") and name[: -len(".weight")] in quantized_modules]
+    frozen_set = set(frozen)
+    trainable = [name for name in skeleton.parameters if name not in frozen_set]
 
     def count(names) -> int:
         return sum(math.prod(source.tensors[n].shape) for n in names if n in source.tensors)

@@ -101,6 +101,15 @@ class Warmup:
         (self.folder / KERNELS_JSON).write_text(json.dumps(record, indent=2, sort_keys=True))
         return record
 
+    def abort(self) -> None:
+        """Stop the warm-up of a build that failed (nothing of it is kept)."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self.work, ignore_errors=True)
+
     def _collect(self) -> dict:
         try:
             output, _ = self.process.communicate(timeout=WARMUP_TIMEOUT_S)
@@ -120,15 +129,6 @@ class Warmup:
         return {"compiled": True, "gpu": _gpu(), "warmup_seconds": seconds, **compiled}
 
 
-def abort(warmup: Warmup | None) -> None:
-    """Stop a warm-up whose build failed (nothing of it is kept)."""
-    if warmup is not None and warmup.process is not None and warmup.process.poll() is None:
-        warmup.process.kill()
-        warmup.process.wait()
-    if warmup is not None and warmup.process is not None:
-        shutil.rmtree(warmup.work, ignore_errors=True)
-
-
 def cache_dir() -> Path:
     """Triton's cache folder, as Triton itself resolves it ($TRITON_CACHE_DIR, else $TRITON_HOME/.triton/cache)."""
     if os.environ.get("TRITON_CACHE_DIR"):
@@ -136,28 +136,30 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TRITON_HOME", os.path.expanduser("~/"))) / ".triton" / "cache"
 
 
-def restore(folder: Path) -> str:
+def restore(folder: Path) -> tuple[bool, str]:
     """Unpack the artifact's compiled kernels into Triton's cache when they fit this GPU and Triton.
 
-    Returns one line for the user: what was restored, or why the first step will compile.
+    Returns (whether the first step must compile, one line for the user saying what was restored or why not).
     """
+    compiles = "; the first step compiles them"
     if os.environ.get("LOADSPEC_KERNEL_CACHE", "1").strip().lower() in ("0", "false", "off", "no"):
-        return "compiled kernels: not restored ($LOADSPEC_KERNEL_CACHE=0); the first step compiles them"
+        return True, "compiled kernels: not restored ($LOADSPEC_KERNEL_CACHE=0)" + compiles
     path = folder / KERNELS_JSON
     if not path.is_file():
-        return "compiled kernels: none in this artifact (built by an older loadspec); the first step compiles them"
+        return True, "compiled kernels: none in this artifact (built by an older loadspec)" + compiles
     record = json.loads(path.read_text())
     if not record.get("compiled"):
-        return f"compiled kernels: none in this artifact ({record.get('reason')}); the first step compiles them"
+        return True, f"compiled kernels: none in this artifact ({record.get('reason')})" + compiles
     gpu, triton = _gpu(), _triton_version()
     if gpu is None:
-        return "compiled kernels: not used (no CUDA GPU here)"
+        return False, "compiled kernels: not used (no CUDA GPU here)"
     if gpu["capability"] != record["gpu"]["capability"] or triton != record.get("triton"):
-        return (f"compiled kernels: built for {record['gpu']['name']} (capability {record['gpu']['capability']}) with "
-                f"triton {record.get('triton')}, but this is {gpu['name']} (capability {gpu['capability']}) with triton "
-                f"{triton}; the first step compiles them")
+        return True, (f"compiled kernels: built for {record['gpu']['name']} (capability {record['gpu']['capability']}) with "
+                      f"triton {record.get('triton')}, but this is {gpu['name']} (capability {gpu['capability']}) with triton "
+                      f"{triton}" + compiles)
     added = _unpack(folder / KERNELS_TAR, cache_dir())
-    return f"compiled kernels: {added} restored into {cache_dir()} ({len(record.get('variants', []))} variants built for this GPU)"
+    return False, (f"compiled kernels: {added} restored into {cache_dir()} "
+                   f"({len(record.get('variants', []))} variants built for this GPU)")
 
 
 def _unpack(archive: Path, target: Path) -> int:

@@ -214,8 +214,8 @@ def _head_fusable(module) -> bool:
     config = module.config
     scaled = getattr(config, "logit_scale", 1.0) not in (None, 1.0) or getattr(config, "logits_scaling", 1.0) not in (None, 1.0)
     head = getattr(module, "lm_head", None)
-    return (not scaled and type(head) is torch.nn.Linear and head.bias is None
-            and hasattr(module, getattr(module, "base_model_prefix", "") or "-"))
+    decoder = getattr(module, "base_model_prefix", "")
+    return not scaled and type(head) is torch.nn.Linear and head.bias is None and bool(decoder) and hasattr(module, decoder)
 
 
 def _fused_head_forward(module):

@@ -128,9 +128,9 @@ def resolve(spec: Spec, hardware: Hardware, source: Source, skeleton: arch.Skele
                                      spec.load.max_memory)
     patches, patches_why = choose_patches(family, source.config["model_type"])
     reasons.append(("patches", patches_why))
-    lora, lora_reasons = plan_lora(spec, family, skeleton, source, quantized if quant["method"] != "none" else ())
+    lora, lora_reasons = plan_lora(spec, family, skeleton, source, quantized)  # () when nothing is quantized
     reasons += lora_reasons
-    reasons += full_finetuning_reasons(spec, skeleton, source, quantized if quant["method"] != "none" else ())
+    reasons += full_finetuning_reasons(spec, skeleton, source, quantized)
     reasons.append(("train", describe_checkpointing(spec.train.gradient_checkpointing, hardware.kind)))
     return LoadPlan(
         format_version=FORMAT_VERSION,
@@ -180,10 +180,6 @@ def _dtype(spec: Spec, hardware: Hardware, family: arch.Family, reasons: list) -
     return choice
 
 
-def _matches(module: str, pattern: str) -> bool:
-    return module == pattern or module.endswith("." + pattern) or module.startswith(pattern + ".")
-
-
 def _quant(spec: Spec, hardware: Hardware, family: arch.Family, skeleton: arch.Skeleton, reasons: list) -> tuple[dict, tuple[str, ...]]:
     method = spec.load.quant
     if method == "fp8":
@@ -193,7 +189,7 @@ def _quant(spec: Spec, hardware: Hardware, family: arch.Family, skeleton: arch.S
                              f"target {hardware.name} has {has}. Use quant = \"nf4\" or \"int8\", or target such a GPU.")
     skip = tuple(dict.fromkeys((*family.keep_unquantized, *spec.load.skip_modules)))
     for pattern in spec.load.skip_modules:
-        if not any(_matches(name, pattern) for name in skeleton.linears):
+        if not any(arch.module_matches(name, pattern) for name in skeleton.linears):
             short = sorted({name.rsplit(".", 1)[-1] for name in skeleton.linears})
             raise UsageError(f"load.skip_modules: {pattern!r} matches no Linear module of this model.{did_you_mean(pattern, short)} "
                              f"Linear modules are named: {', '.join(short)}")
@@ -201,11 +197,12 @@ def _quant(spec: Spec, hardware: Hardware, family: arch.Family, skeleton: arch.S
         why = "full fine-tuning trains every weight, so they stay 16-bit" if spec.load.full_finetuning else "as asked"
         reasons.append(("quant", f"none: weights stay 16-bit ({why})"))
         return {"method": "none"}, ()
-    quantized = tuple(name for name in skeleton.linears if not any(_matches(name, p) for p in skip))
+    quantized = tuple(name for name in skeleton.linears if not any(arch.module_matches(name, p) for p in skip))
+    kept = ("kept 16-bit", ", ".join(skip) + " (family default" + (" + spec)" if spec.load.skip_modules else ")"))
     if method == "int8":
         reasons.append(("quant", f"int8 (LLM.int8: row-wise absmax int8 weights + SCB scales, outlier threshold {INT8_THRESHOLD:g}), "
                                  f"{len(quantized)} of {len(skeleton.linears)} Linear layers"))
-        reasons.append(("kept 16-bit", ", ".join(skip) + " (family default" + (" + spec)" if spec.load.skip_modules else ")")))
+        reasons.append(kept)
         return {"method": "int8", "threshold": INT8_THRESHOLD, "storage": "int8", "skip_modules": list(skip)}, quantized
     if method == "fp8":
         scaling = spec.load.fp8_scaling
@@ -213,11 +210,11 @@ def _quant(spec: Spec, hardware: Hardware, family: arch.Family, skeleton: arch.S
             f"{fp8.BLOCK}x{fp8.BLOCK} block; matmuls dequantize the weight first"
         reasons.append(("quant", f"fp8: float8_e4m3fn weights (1 byte/param) with float32 scales per {per}; "
                                  f"{len(quantized)} of {len(skeleton.linears)} Linear layers"))
-        reasons.append(("kept 16-bit", ", ".join(skip) + " (family default" + (" + spec)" if spec.load.skip_modules else ")")))
+        reasons.append(kept)
         return {"method": "fp8", "scaling": scaling, "storage": "float8_e4m3fn", "skip_modules": list(skip)}, quantized
     reasons.append(("quant", f"{method}, blocksize {BLOCKSIZE}, double quant {'on' if spec.load.double_quant else 'off'}, "
                              f"{len(quantized)} of {len(skeleton.linears)} Linear layers"))
-    reasons.append(("kept 16-bit", ", ".join(skip) + " (family default" + (" + spec)" if spec.load.skip_modules else ")")))
+    reasons.append(kept)
     quant = {"method": method, "double_quant": spec.load.double_quant, "blocksize": BLOCKSIZE, "storage": "uint8", "skip_modules": list(skip)}
     return quant, quantized
 

@@ -88,7 +88,7 @@ def _check_spec(spec: Spec, quant: dict, quantized: tuple[str, ...], location: s
     """Refuse what the spec explicitly asks for that the stored weights are not."""
     method = quant["method"]
     stored = f"stored pre-quantized in {method}" + (f" (double quant {'on' if quant['double_quant'] else 'off'})" if method != "int8" else "")
-    reuse = (f"loadspec reuses quantized weights as stored and never dequantizes them to quantize again. Point source at "
+    reuse = ("loadspec reuses quantized weights as stored and never dequantizes them to quantize again. Point source at "
              "the unquantized model to get that")
     explicit = {key.removeprefix("load.") for key in spec.lines if key.startswith("load.")}
     if spec.load.full_finetuning and spec.load.quant != method:
@@ -101,7 +101,7 @@ def _check_spec(spec: Spec, quant: dict, quantized: tuple[str, ...], location: s
         raise UsageError(f"{location} is {stored}, but the spec asks for double_quant = {str(spec.load.double_quant).lower()}; "
                          f"{reuse}, or remove double_quant from [load].")
     for pattern in spec.load.skip_modules:
-        hit = next((name for name in quantized if name == pattern or name.endswith("." + pattern) or name.startswith(pattern + ".")), None)
+        hit = next((name for name in quantized if arch.module_matches(name, pattern)), None)
         if hit:
             raise UsageError(f"{location} is {stored}, and load.skip_modules {pattern!r} names {hit}, which the source stores "
                              f"quantized; {reuse} module in 16 bits, or remove {pattern!r} from skip_modules.")

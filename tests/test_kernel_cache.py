@@ -50,7 +50,7 @@ def test_cpu_build_records_why_nothing_was_compiled(checkpoint, write_spec, tmp_
     assert record["kernels"] == {p["kernel"]: p["version"] for p in built.plan.patches}
     assert "kernels.json" in json.loads((folder / "manifest.json").read_text())["files"]
     assert not (folder / kernel_cache.KERNELS_TAR).exists()
-    assert "none in this artifact (the target is a CPU)" in kernel_cache.restore(folder)
+    assert "none in this artifact (the target is a CPU)" in kernel_cache.restore(folder)[1]
 
 
 def test_kernels_off_is_the_reason_when_not_asked(checkpoint, write_spec, tmp_path):
@@ -66,24 +66,24 @@ def test_restore_unpacks_missing_entries_once(tmp_path, triton_cache, monkeypatc
                                   "ijklmnop02/k.json": b"{}"})
     (triton_cache / "ijklmnop02").mkdir(parents=True)
     (triton_cache / "ijklmnop02" / "k.json").write_text("mine")
-    line = kernel_cache.restore(folder)
+    line = kernel_cache.restore(folder)[1]
     assert line.startswith("compiled kernels: 1 restored")
     assert (triton_cache / "abcdefgh01" / "k.cubin").read_bytes() == b"\x7fELF"
     assert (triton_cache / "ijklmnop02" / "k.json").read_text() == "mine"  # an existing entry is never overwritten
-    assert kernel_cache.restore(folder).startswith("compiled kernels: 0 restored")
+    assert kernel_cache.restore(folder)[1].startswith("compiled kernels: 0 restored")
     assert sorted(p.name for p in triton_cache.iterdir()) == ["abcdefgh01", "ijklmnop02"]  # no staging left over
 
 
 def test_other_gpu_or_triton_falls_back_with_notice(tmp_path, triton_cache, monkeypatch):
     monkeypatch.setattr(kernel_cache, "_gpu", lambda: {"name": "NVIDIA A100", "capability": [8, 0]})
     folder = _artifact(tmp_path, {"abcdefgh01/k.cubin": b"x"})
-    assert "but this is NVIDIA A100 (capability [8, 0])" in kernel_cache.restore(folder)
+    assert "but this is NVIDIA A100 (capability [8, 0])" in kernel_cache.restore(folder)[1]
     monkeypatch.setattr(kernel_cache, "_gpu", lambda: dict(GPU))
     other = _artifact(tmp_path, {"abcdefgh01/k.cubin": b"x"}, triton="2.0.0", name="old")
-    assert "with triton 2.0.0" in kernel_cache.restore(other) and "first step compiles" in kernel_cache.restore(other)
+    assert "with triton 2.0.0" in kernel_cache.restore(other)[1] and "first step compiles" in kernel_cache.restore(other)[1]
     assert not triton_cache.exists()
     monkeypatch.setenv("LOADSPEC_KERNEL_CACHE", "0")
-    assert "not restored ($LOADSPEC_KERNEL_CACHE=0)" in kernel_cache.restore(folder)
+    assert "not restored ($LOADSPEC_KERNEL_CACHE=0)" in kernel_cache.restore(folder)[1]
 
 
 @pytest.mark.parametrize("name", ["../evil/k.cubin", "abcdefgh01/../../x", "abcdefgh01/sub/k.cubin", "/abs/k"])
@@ -91,7 +91,7 @@ def test_hostile_archive_member_refused(tmp_path, triton_cache, monkeypatch, nam
     monkeypatch.setattr(kernel_cache, "_gpu", lambda: dict(GPU))
     folder = _artifact(tmp_path, {name: b"x"})
     with pytest.raises(LoadspecError, match="no Triton cache entry.*--force"):
-        kernel_cache.restore(folder)
+        kernel_cache.restore(folder)[1]
     assert not (tmp_path / "evil").exists()
 
 

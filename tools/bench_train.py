@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from loadspec.bench import _python as run_python  # one fresh process, its RESULT line
+
 ANCHORS = os.environ.get("ANCHORS", str(Path(__file__).resolve().parents[1].parent / "shared" / "anchors"))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CASES = {  # name -> (gradient_checkpointing, fused kernels)
@@ -69,10 +71,7 @@ def measure(root: Path, seq: int, cases: list[str]) -> None:
         code = (f"import loadspec\nm, tok = loadspec.load({case!r}, cache_dir={str(root / 'cache')!r})\nSEQ = {seq}\n"
                 + loop)
         start = time.perf_counter()
-        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=500,
-                             env={**os.environ, **ENV})
-        lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]
-        result = json.loads(lines[0][7:]) if lines else {"error": (run.stdout[-400:] + run.stderr[-1500:]).strip()}
+        result = run_python(code, env=ENV, timeout=500)
         print(json.dumps({"case": case, "seq": seq, **result, "process_s": round(time.perf_counter() - start, 2)}), flush=True)
 
 

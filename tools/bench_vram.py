@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 QUANTS = ("none", "nf4", "int8")
@@ -30,6 +28,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     import loadspec
+    from loadspec.bench import _python as run_python  # one fresh process, its RESULT line
 
     native = json.loads((Path(args.source) / "config.json").read_text()).get("max_position_embeddings", 2048)
     results = {}
@@ -39,10 +38,7 @@ def main(argv=None) -> dict:
         spec.write_text(f'name = "vram_{quant}"\n[model]\nsource = "{args.source}"\n[target]\ngpu = "auto"\n'
                         f'[load]\nquant = "{quant}"\nmax_seq_length = {native}\n')
         loadspec.build(spec, cache_dir=args.cache, progress=False)
-        run = subprocess.run([sys.executable, "-c", MEASURE.format(name=f"vram_{quant}", cache=args.cache)],
-                             capture_output=True, text=True, timeout=300)
-        lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]
-        results[quant] = json.loads(lines[0][7:]) if lines else {"error": run.stderr[-1500:]}
+        results[quant] = run_python(MEASURE.format(name=f"vram_{quant}", cache=args.cache), timeout=300)
     bf16 = results["none"].get("allocated")
     print(f"{'format':8} {'weights GiB':>12} {'peak GiB':>9} {'of bf16':>8}")
     for quant, row in results.items():

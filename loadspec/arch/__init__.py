@@ -49,6 +49,11 @@ def for_model_type(model_type: str) -> Family:
                      "Open an issue with the model's config.json to ask for it.")
 
 
+def module_matches(module: str, pattern: str) -> bool:
+    """Whether `pattern` names `module`: the whole dotted name, a trailing part of it, or a prefix block."""
+    return module == pattern or module.endswith("." + pattern) or module.startswith(pattern + ".")
+
+
 @attrs.frozen
 class Skeleton:
     """A model's structure from its config alone (built on the meta device, no weights)."""
