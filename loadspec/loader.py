@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import arch
+from .deferred_imports import import_model_libraries
 from .errors import LoadspecError
 from .plan import LoadPlan, block_of
 
@@ -117,6 +118,7 @@ def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = Non
         stored = pool.submit(_read, folder, plan, device_map)
         # transformers' lazy module is not safe to import from two threads at once in a fresh process (an
         # intermittent "cannot import name AutoModelForCausalLM"): both names are imported here, first
+        import_model_libraries(bitsandbytes=plan.quant["method"] in ("nf4", "fp4", "int8") and bool(plan.quantized))
         from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
         tokenizer = pool.submit(_tokenizer, folder, plan)
         model = _skeleton(folder, plan)

@@ -1,0 +1,109 @@
+"""Deferred imports: what a load never runs is imported on first use, and behaves exactly as before."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+import loadspec
+from loadspec import deferred_imports
+
+
+def _package(tmp_path, monkeypatch):
+    """slowpkg.metrics records each time it runs; consumer takes two names from it, as transformers does."""
+    (tmp_path / "slowpkg").mkdir()
+    (tmp_path / "slowpkg" / "__init__.py").write_text("")
+    log = tmp_path / "ran.log"
+    (tmp_path / "slowpkg" / "metrics.py").write_text(textwrap.dedent(f"""
+        open({str(log)!r}, "a").write("ran\\n")
+        def area(a, b): return a * b
+        class table: rows = 3
+    """))
+    (tmp_path / "consumer.py").write_text("from slowpkg.metrics import area, table\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("slowpkg", "slowpkg.metrics", "consumer"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    return log
+
+
+def test_deferred_module_runs_only_when_used(tmp_path, monkeypatch):
+    log = _package(tmp_path, monkeypatch)
+    with deferred_imports.deferred_modules(["slowpkg.metrics"]):
+        import consumer
+    assert not log.exists() and "slowpkg.metrics" not in sys.modules
+    assert consumer.area(3, 4) == 12 and consumer.table.rows == 3
+    assert log.read_text() == "ran\n"  # imported once, on first use
+    import slowpkg.metrics
+
+    assert slowpkg.metrics.area is consumer.area._target()  # the real module, not the stand-in
+
+
+def test_already_imported_module_is_left_alone(tmp_path, monkeypatch):
+    log = _package(tmp_path, monkeypatch)
+    import slowpkg.metrics
+
+    with deferred_imports.deferred_modules(["slowpkg.metrics"]):
+        import consumer
+    assert consumer.area is slowpkg.metrics.area and log.read_text() == "ran\n"
+
+
+def test_compile_deferred_until_first_call_and_same_result():
+    calls = []
+
+    def scale(x):
+        calls.append(1)
+        return x * 2 + 1
+
+    with deferred_imports.compile_on_first_call():
+        compiled = torch.compile(scale, backend="eager", dynamic=False)
+        module = torch.compile(torch.nn.Linear(2, 2), backend="eager")
+    assert not calls and compiled.__wrapped__ is scale and compiled.__name__ == "scale"
+    x = torch.arange(4.0)
+    assert torch.equal(compiled(x), x * 2 + 1) and torch.equal(compiled(x), x * 2 + 1)
+    assert isinstance(module, torch.nn.Module)  # modules go straight to torch.compile
+    assert torch.compile is not None and "deferred" not in torch.compile.__qualname__
+
+
+PROBE = """
+import json, sys, torch
+from loadspec.deferred_imports import import_model_libraries
+import_model_libraries(bitsandbytes=True)
+import bitsandbytes.functional as F
+from transformers.generation import candidate_generator
+from transformers.loss import loss_for_object_detection
+heavy = {name: name in sys.modules for name in ("sklearn", "scipy.optimize", "torch._inductor.compile_fx")}
+w = torch.randn(64, 64, dtype=torch.bfloat16)
+packed, state = F.quantize_4bit(w, quant_type="nf4")
+error = float((F.dequantize_4bit(packed, state) - w).abs().max())
+fpr, tpr, _ = candidate_generator.roc_curve([0, 1, 1, 0], [0.1, 0.9, 0.6, 0.4])
+rows, cols = loss_for_object_detection.linear_sum_assignment([[4, 1], [2, 8]])
+print("RESULT", json.dumps(dict(heavy=heavy, error=error, auc_points=len(fpr), tpr_last=float(tpr[-1]), assignment=cols.tolist())))
+"""
+
+
+def _probe(**env):
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))[7:])
+
+
+def test_fresh_process_skips_sklearn_and_inductor_but_both_still_work():
+    deferred, eager = _probe(), _probe(LOADSPEC_DEFER_IMPORTS="0")
+    assert deferred["heavy"] == {"sklearn": False, "scipy.optimize": False, "torch._inductor.compile_fx": False}
+    assert eager["heavy"] == {"sklearn": True, "scipy.optimize": True, "torch._inductor.compile_fx": True}  # what it saves
+    for result in (deferred, eager):  # bitsandbytes' 4-bit round trip and transformers' helpers behave the same
+        assert 0 < result["error"] < 0.5 and result["tpr_last"] == 1.0 and result["assignment"] == [1, 0]
+    assert deferred["auc_points"] == eager["auc_points"]
+
+
+def test_load_in_fresh_process_does_not_import_sklearn(checkpoint, write_spec, tmp_path):
+    spec = write_spec(checkpoint("llama"), name="fresh", load={"quant": "nf4"})
+    loadspec.build(spec, cache_dir=tmp_path / "cache", progress=False)
+    code = ("import sys, loadspec; m, tok = loadspec.load('fresh', cache_dir=sys.argv[1]); "
+            "m(**tok('hello', return_tensors='pt')); print('RESULT', 'sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "RESULT False"
