@@ -19,7 +19,7 @@ from .store import Store
 from .vocab import with_vocabulary
 
 
-TRAINING_KEY = "training:"  # store index: name -> {"lora", "train"} of the spec it was last built from
+TRAINING_KEY = "training:"  # store index: name -> {"lora", "train", "device_map"} of the spec it was last built from
 
 
 @attrs.frozen
@@ -91,7 +91,8 @@ def build(spec_path: str | Path, *, cache_dir: str | Path | None = None, target:
                 cached = True
                 _check_reusable(store, fingerprint)
     store.set_ref(plan.name, fingerprint, spec=str(Path(spec_path).resolve()), target=plan.target["name"])
-    store.index[f"{TRAINING_KEY}{plan.name}"] = {"fingerprint": fingerprint, "lora": plan.lora, "train": plan.train}
+    store.index[f"{TRAINING_KEY}{plan.name}"] = {"fingerprint": fingerprint, "lora": plan.lora, "train": plan.train,
+                                                 "device_map": plan.device_map}
     return Built(plan, store.artifact_path(fingerprint), cached, time.perf_counter() - started)
 
 
@@ -157,7 +158,7 @@ def load(name_or_spec: str | Path, *, cache_dir: str | Path | None = None, devic
     fresh_patches = None  # the patch list of the plan made just now (a spec), else the artifact's own
     if str(name_or_spec).endswith(".toml") or Path(name_or_spec).is_file():
         planned = build(name_or_spec, cache_dir=cache_dir, target=target, progress=progress).plan
-        fingerprint, training = planned.fingerprint, {"lora": planned.lora, "train": planned.train}
+        fingerprint, training = planned.fingerprint, {"lora": planned.lora, "train": planned.train, "device_map": planned.device_map}
         fresh_patches = planned.patches
     else:
         name = str(name_or_spec)
@@ -178,18 +179,20 @@ def load(name_or_spec: str | Path, *, cache_dir: str | Path | None = None, devic
     if problems:
         raise LoadspecError(f"artifact {fingerprint} is damaged: {'; '.join(problems)}. {RECOVER}")
     plan = LoadPlan.from_json((folder / "plan.json").read_text())
-    device_map = {"": device} if device else for_this_rank(plan.device_map)
+    if training is None:
+        training = name_settings(store, str(name_or_spec), plan)
+    device_map = {"": device} if device else for_this_rank(training.get("device_map") or plan.device_map)
     _check_devices(device_map)
     store.touch(fingerprint)
-    if training is None:
-        training = _training_for(store, str(name_or_spec), plan)
     model, tokenizer = load_artifact(folder, plan, device_map=device_map)
     if patch is None:
         patch = bool((training.get("train") or {}).get("kernels", False))
     if patch:
         _restore_kernels(folder)
+    model = _ready_to_train(model, training)
+    if patch:  # after the adapter is attached: the lora patch acts on its layers
         _apply_patches(model, plan, fresh_patches)
-    return _ready_to_train(model, training), tokenizer
+    return model, tokenizer
 
 
 def _restore_kernels(folder: Path) -> None:
@@ -214,12 +217,13 @@ def _apply_patches(model, plan: LoadPlan, chosen) -> None:
     patches.apply(model, chosen)
 
 
-def _training_for(store: Store, name: str, plan: LoadPlan) -> dict:
-    """The adapter and checkpointing settings `name` was built with: artifacts are shared by names (LoRA is not
-    in the fingerprint), so they are recorded per name; a pulled artifact's own plan serves its own name."""
+def name_settings(store: Store, name: str, plan: LoadPlan) -> dict:
+    """What `name` was built with beyond the artifact's bytes: its adapter and checkpointing ({"lora", "train"})
+    and its placement ("device_map"). Artifacts are shared by names (none of these is in the fingerprint), so
+    they are recorded per name; a pulled artifact's own plan serves its own name."""
     training = store.index.get(f"{TRAINING_KEY}{name}")
     if not training or training.get("fingerprint") != plan.fingerprint:
-        training = {"lora": plan.lora, "train": plan.train} if plan.name == name else {}
+        training = {"lora": plan.lora, "train": plan.train, "device_map": plan.device_map} if plan.name == name else {}
     lora = training.get("lora") or {}
     if lora.get("kind") == "adapter":
         path = Path(lora["path"])

@@ -144,6 +144,7 @@ def list_artifacts(cache_dir):
 @friendly
 def inspect(name, cache_dir):
     """Show the plan an artifact was built from and its files."""
+    from .api import name_settings
     from .plan import LoadPlan
     from .store import Store
 
@@ -151,7 +152,11 @@ def inspect(name, cache_dir):
     fingerprint = store.resolve_name(name)
     manifest = store.manifest(fingerprint)
     folder = store.artifact_path(fingerprint)
-    click.echo(LoadPlan.from_json((folder / "plan.json").read_text()).explain())
+    plan = LoadPlan.from_json((folder / "plan.json").read_text())
+    click.echo(plan.explain())
+    placement = name_settings(store, name, plan).get("device_map") or plan.device_map
+    if placement != plan.device_map:  # the artifact is shared with a name built for another placement
+        click.echo(f"\n{name} loads with its own device map: {placement}")
     click.echo(f"\nartifact {folder}\n  built {manifest['created']} with " +
                ", ".join(f"{k} {v}" for k, v in sorted(manifest["versions"].items())))
     for file, entry in sorted(manifest["files"].items()):

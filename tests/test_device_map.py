@@ -80,3 +80,43 @@ def test_two_gpu_split_load_equals_one_gpu_load(checkpoint, write_spec, tmp_path
         with torch.no_grad():
             outputs.append(model(ids.to("cuda:0")).logits.cpu())
     assert torch.equal(outputs[0], outputs[1])
+
+
+def _two_placements(checkpoint, write_spec, tmp_path, target):
+    """Two names on one artifact: placement is not in the fingerprint, so they share the bytes."""
+    import loadspec
+
+    plain = loadspec.build(write_spec(checkpoint("llama"), name="plain", target=target), cache_dir=tmp_path / "c", progress=False)
+    offloaded = loadspec.build(write_spec(checkpoint("llama"), name="offloaded", target=target, load={"offload_embedding": True}),
+                               cache_dir=tmp_path / "c", progress=False)
+    assert offloaded.plan.fingerprint == plain.plan.fingerprint and offloaded.cached
+    return plain.plan, offloaded.plan
+
+
+def test_names_sharing_an_artifact_keep_their_own_device_map(checkpoint, write_spec, tmp_path):
+    from click.testing import CliRunner
+
+    from loadspec import cli
+
+    plain, offloaded = _two_placements(checkpoint, write_spec, tmp_path, "h100")
+    assert offloaded.device_map["model.embed_tokens"] == "cpu" and plain.device_map == {"": "cuda:0"}
+    shown = {name: CliRunner().invoke(cli.main, ["inspect", name, "--cache-dir", str(tmp_path / "c")]) for name in ("plain", "offloaded")}
+    assert all(result.exit_code == 0 for result in shown.values())
+    assert "loads with its own device map" not in shown["plain"].output  # the artifact's plan is plain's
+    assert "offloaded loads with its own device map: {'model.embed_tokens': 'cpu'" in shown["offloaded"].output
+
+
+@pytest.mark.gpu
+def test_offloaded_name_on_a_shared_artifact_loads_its_embedding_on_cpu(checkpoint, write_spec, tmp_path):
+    import torch
+
+    import loadspec
+
+    _two_placements(checkpoint, write_spec, tmp_path, "auto")
+    logits = {}
+    for name, device in (("plain", "cuda"), ("offloaded", "cpu")):
+        model, _ = loadspec.load(name, cache_dir=tmp_path / "c")
+        assert model.model.embed_tokens.weight.device.type == device and model.lm_head.weight.device.type == "cuda"
+        with torch.no_grad():
+            logits[name] = model(torch.arange(1, 17, device="cuda")[None]).logits.cpu()
+    assert torch.equal(logits["plain"], logits["offloaded"])
