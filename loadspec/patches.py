@@ -12,6 +12,12 @@ What each patch replaces:
   rope                        `apply_rotary_pos_emb` while this model's `*Attention` modules run
   cross_entropy               the `*ForCausalLM` loss (transformers' ForCausalLMLoss without its float32 logits copy);
                               training with labels also fuses the LM head into the loss (no full logits; `logits` is None)
+  lora                        peft's LoRA Linear layers (plain, 4-bit, 8-bit): the adapter runs in the activations' dtype
+                              from its float32 weights (cast per call, as autocast does), and its scaled output is added
+                              inside the second matmul. peft instead casts the activations to float32, runs both
+                              adapter matmuls there and clones the base output: on the H100 that was ~1/3 of a 1B
+                              QLoRA step's GPU time. DoRA, LoRA biases, merged or mixed-batch adapters keep peft's path.
+                              Applies to the adapter layers present when the patches are applied (none: count 0).
 On a CPU without `TRITON_INTERPRET=1` the kernels fall back to their torch references.
 """
 from __future__ import annotations
@@ -64,6 +70,7 @@ def choose(family, model_type: str) -> tuple[tuple[dict, ...], str]:
     else:
         missing.append("RoPE (not the half-split form the kernel implements)")
     chosen.append((f"{prefix}ForCausalLM", "cross_entropy"))
+    chosen.append((LORA_LAYER, "lora"))
     patches = tuple({"module": module, "kernel": kernel, "version": versions[kernel]} for module, kernel in chosen)
     why = ", ".join(f"{p['kernel']} on {p['module']}" for p in patches)
     why += (f"; not patched: {', '.join(missing)}" if missing else "")
@@ -246,6 +253,40 @@ def _fused_head_forward(module):
     return forward
 
 
+LORA_LAYER = "LoraLayer"  # not a class name to match: every peft LoRA Linear layer (see _lora_layers)
+
+
+def _lora_layers(model) -> list:
+    """peft LoRA layers around a Linear, Linear4bit or Linear8bitLt (peft's own classes share those names)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, LoraLayer) and type(m).__name__ in ("Linear", "Linear4bit", "Linear8bitLt")]
+
+
+def _patch_lora(module):
+    import torch
+    import torch.nn.functional as F
+
+    peft_forward = module.forward
+
+    def forward(self, x, *args, **kwargs):
+        adapters = [name for name in self.active_adapters if name in self.lora_A]
+        if (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or not adapters
+                or any(self.use_dora.get(name) or self.lora_B[name].bias is not None for name in adapters)):
+            return peft_forward(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        dtype, shape = result.dtype, result.shape
+        result = result.reshape(-1, shape[-1])
+        for name in adapters:
+            down = F.linear(self.lora_dropout[name](x).to(dtype), self.lora_A[name].weight.to(dtype))
+            result = torch.addmm(result, down.reshape(-1, down.shape[-1]), self.lora_B[name].weight.to(dtype).t(),
+                                 alpha=self.scaling[name])
+        return result.view(shape)
+    return _swap(module, _forward_slot(module), types.MethodType(forward, module))
+
+
 PATCHERS = {
     "rmsnorm": lambda m: _patch_rmsnorm(m, plus_one=False),
     "rmsnorm_plus_one": lambda m: _patch_rmsnorm(m, plus_one=True),
@@ -253,6 +294,7 @@ PATCHERS = {
     "geglu": lambda m: _patch_mlp(m, "geglu"),
     "rope": _patch_attention,
     "cross_entropy": _patch_loss,
+    "lora": _patch_lora,
 }
 
 
@@ -270,8 +312,11 @@ def apply(model, patches) -> list[dict]:
             if kernel not in PATCHERS:
                 raise LoadspecError(f"the plan asks for kernel {kernel!r}, which this loadspec does not have "
                                     f"({', '.join(PATCHERS)}); rebuild the spec with this version.")
-            modules = [m for _, m in model.named_modules() if type(m).__name__ == cls]
-            if not modules:
+            if kernel == "lora":
+                modules = _lora_layers(model)
+            else:
+                modules = [m for _, m in model.named_modules() if type(m).__name__ == cls]
+            if not modules and kernel != "lora":
                 raise LoadspecError(f"the plan patches {cls} with {kernel}, but the model has no {cls} module "
                                     "(another transformers version?). Re-plan the spec, or load without kernels.")
             for module in modules:

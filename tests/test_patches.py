@@ -17,11 +17,11 @@ from loadspec import arch, patches  # noqa: E402
 from loadspec import kernels  # noqa: E402
 
 EXPECTED = {
-    "llama": ["rmsnorm", "swiglu", "rope", "cross_entropy"],
-    "gemma": ["rmsnorm_plus_one", "geglu", "rope", "cross_entropy"],
-    "gemma2": ["rmsnorm_plus_one", "geglu", "rope", "cross_entropy"],
-    "cohere": ["swiglu", "cross_entropy"],  # LayerNorm, interleaved RoPE: no kernel yet
-    "falcon": ["cross_entropy"],
+    "llama": ["rmsnorm", "swiglu", "rope", "cross_entropy", "lora"],
+    "gemma": ["rmsnorm_plus_one", "geglu", "rope", "cross_entropy", "lora"],
+    "gemma2": ["rmsnorm_plus_one", "geglu", "rope", "cross_entropy", "lora"],
+    "cohere": ["swiglu", "cross_entropy", "lora"],  # LayerNorm, interleaved RoPE: no kernel yet
+    "falcon": ["cross_entropy", "lora"],
 }
 
 
@@ -36,9 +36,11 @@ def test_plan_chooses_patches_per_family_naming_real_classes(family):
         assert [p["kernel"] for p in chosen] == EXPECTED[family.name]
     for patch in chosen:
         assert patch["version"] == kernels.versions()[patch["kernel"]]
+        assert f"{patch['kernel']} on {patch['module']}" in why
+        if patch["kernel"] == "lora":
+            continue  # peft's LoRA layers, whatever the family
         assert hasattr(transformers, patch["module"]) or importlib.import_module(  # the class exists in transformers
             f"transformers.models.{family.name}.modeling_{family.name}").__dict__.get(patch["module"]), patch
-        assert f"{patch['kernel']} on {patch['module']}" in why
 
 
 def test_patches_recorded_in_plan_not_in_fingerprint(checkpoint, write_spec, tmp_path):
@@ -47,7 +49,7 @@ def test_patches_recorded_in_plan_not_in_fingerprint(checkpoint, write_spec, tmp
     on = loadspec.plan_spec(write_spec(source, name="on", load={"quant": "none"}, train={"kernels": True})).plan
     assert off.fingerprint == on.fingerprint
     assert on.train["kernels"] is True and "kernels" not in off.train
-    assert [p["module"] for p in on.patches] == ["LlamaRMSNorm", "LlamaMLP", "LlamaAttention", "LlamaForCausalLM"]
+    assert [p["module"] for p in on.patches] == ["LlamaRMSNorm", "LlamaMLP", "LlamaAttention", "LlamaForCausalLM", "LoraLayer"]
     assert on.patches == off.patches  # chosen per family; [train] kernels only decides whether load applies them
     assert dict(on.reasons)["patches"].startswith("rmsnorm on LlamaRMSNorm")
     assert type(on).from_json(on.to_json()).patches == on.patches
@@ -90,7 +92,8 @@ def test_patched_model_matches_unpatched_and_unpatch_restores(family, checkpoint
     applied = patches.apply(model, loadspec.plan_spec(spec).plan.patches)
     assert {p["kernel"]: p["count"] for p in applied} == {
         EXPECTED[family][0]: 2 * model.config.num_hidden_layers + 1,  # input + post-attention per layer, final norm
-        EXPECTED[family][1]: model.config.num_hidden_layers, "rope": model.config.num_hidden_layers, "cross_entropy": 1}
+        EXPECTED[family][1]: model.config.num_hidden_layers, "rope": model.config.num_hidden_layers, "cross_entropy": 1,
+        "lora": 0}  # no adapter attached: nothing for the lora patch
     assert modeling.apply_rotary_pos_emb is not rope_fn
     import importlib
 
@@ -129,7 +132,7 @@ def test_load_applies_patches_when_asked(checkpoint, write_spec, tmp_path):
     assert patches.patched(model_off) == []
     plain = write_spec(source, name="plain", load={"quant": "none"})
     model_on, _ = loadspec.load(plain, cache_dir=tmp_path / "cache", patch=True)
-    assert len(patches.patched(model_on)) == 4
+    assert len(patches.patched(model_on)) == 5
     # bfloat16 (the CPU default): patched and unpatched agree within bf16 tolerance
     ids, labels = _batch(model.config.vocab_size)
     with torch.no_grad():
@@ -152,3 +155,77 @@ def test_unknown_kernel_or_module_leaves_model_unpatched(checkpoint, write_spec,
         patches.apply(model, [good, {"module": "LlamaMLP", "kernel": "fancy", "version": "1"}])
     assert patches.patched(model) == []
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+class _Float32Matmuls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the matmuls computed in float32 (where the adapter's compute dtype shows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm) and out.dtype == torch.float32:
+            self.count += 1
+        return out
+
+
+def _float32_matmuls(model, ids) -> int:
+    with _Float32Matmuls() as counter, torch.no_grad():
+        model(input_ids=ids)
+    return counter.count
+
+
+def _lora_step(model, ids, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), out.logits.detach(), grads
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_lora_patch_matches_peft_and_unpatches(quant, checkpoint, write_spec, tmp_path):
+    spec = write_spec(checkpoint("llama"), name=f"lora_{quant}", load={"quant": quant, "dtype": "float32"},
+                      lora={"r": 8, "alpha": 16, "target_modules": "all-linear"})
+    model, _ = loadspec.load(spec, cache_dir=tmp_path / "cache", patch=False)
+    model.train()
+    ids, labels = _batch(model.config.vocab_size)
+    before = _lora_step(model, ids, labels)
+    applied = patches.apply(model, [{"module": "LoraLayer", "kernel": "lora", "version": kernels.versions()["lora"]}])
+    assert applied[0]["count"] == 7 * model.config.num_hidden_layers  # q k v o gate up down in every layer
+    after = _lora_step(model, ids, labels)
+    torch.testing.assert_close(after[0], before[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after[1], before[1], rtol=1e-5, atol=1e-5)
+    assert after[2].keys() == before[2].keys() and all("lora_" in n for n in after[2])
+    for name in before[2]:
+        torch.testing.assert_close(after[2][name], before[2][name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    with model.disable_adapter(), torch.no_grad():  # adapters off: peft's own path, the base model's logits
+        base_logits = model(input_ids=ids).logits
+    patches.unpatch(model)
+    with model.disable_adapter(), torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, base_logits)
+    restored = _lora_step(model, ids, labels)
+    assert torch.equal(restored[0], before[0]) and all(torch.equal(restored[2][n], before[2][n]) for n in before[2])
+
+
+def test_lora_patch_computes_the_adapter_in_bf16_from_float32_weights(checkpoint, write_spec, tmp_path):
+    spec = write_spec(checkpoint("llama"), name="lora_bf16", load={"quant": "none", "dtype": "bfloat16"},
+                      lora={"r": 8, "alpha": 16, "target_modules": "all-linear"})
+    model, _ = loadspec.load(spec, cache_dir=tmp_path / "cache", patch=False)
+    model.train()
+    ids, labels = _batch(model.config.vocab_size)
+    adapter = [p for n, p in model.named_parameters() if p.requires_grad]
+    assert {p.dtype for p in adapter} == {torch.float32}  # peft keeps the adapter's master weights in float32
+    with model.disable_adapter():
+        base = _float32_matmuls(model, ids)  # the model's own (RoPE frequencies are computed in float32)
+    assert _float32_matmuls(model, ids) == base + 2 * 7 * model.config.num_hidden_layers  # peft: A and B in float32
+    before = _lora_step(model, ids, labels)
+    patches.apply(model, [{"module": "LoraLayer", "kernel": "lora", "version": kernels.versions()["lora"]}])
+    assert _float32_matmuls(model, ids) == base  # the adapter now runs in bf16
+    after = _lora_step(model, ids, labels)
+    assert {after[2][n].dtype for n in after[2]} == {torch.float32}  # gradients land on the float32 masters
+    torch.testing.assert_close(after[0].float(), before[0].float(), rtol=2e-2, atol=2e-2)
+    for name in before[2]:  # bf16 adapter matmuls: gradients agree to bf16 precision
+        torch.testing.assert_close(after[2][name], before[2][name], rtol=5e-2, atol=5e-3, msg=lambda m: f"{name}: {m}")
