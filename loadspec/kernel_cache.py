@@ -162,6 +162,20 @@ def restore(folder: Path) -> tuple[bool, str]:
                    f"({len(record.get('variants', []))} variants built for this GPU)")
 
 
+def _repoint_groups(staging: Path, entry: Path) -> None:
+    """Triton's `__grp__*.json` files list their entry's files by absolute path (where the build compiled them);
+    Triton treats a group whose paths are missing as a miss, so they are pointed at the entry's new home."""
+    for group in staging.glob("__grp__*.json"):
+        try:
+            data = json.loads(group.read_text())
+            children = data["child_paths"]
+            data["child_paths"] = {name: str(entry / Path(path).name) if (staging / Path(path).name).is_file() else path
+                                   for name, path in children.items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # not a group Triton can read either: it compiles, as without the cache
+        group.write_text(json.dumps(data))
+
+
 def _unpack(archive: Path, target: Path) -> int:
     """Each cache entry (a folder named by its key) not in `target` yet, unpacked beside it and renamed in."""
     target.mkdir(parents=True, exist_ok=True)
@@ -184,6 +198,7 @@ def _unpack(archive: Path, target: Path) -> int:
                 for member in files:
                     with tar.extractfile(member) as source, open(staging / member.name.split("/")[1], "wb") as out:
                         shutil.copyfileobj(source, out)
+                _repoint_groups(staging, target / entry)
                 os.rename(staging, target / entry)
                 added += 1
             except OSError:  # another process put the same entry in first: theirs is as good

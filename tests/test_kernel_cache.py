@@ -4,9 +4,11 @@ falls back to compiling with a notice. The GPU tests prove the point: no compila
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +76,29 @@ def test_restore_unpacks_missing_entries_once(tmp_path, triton_cache, monkeypatc
     assert sorted(p.name for p in triton_cache.iterdir()) == ["abcdefgh01", "ijklmnop02"]  # no staging left over
 
 
+def test_restored_entries_are_cache_hits_for_triton(tmp_path, triton_cache, monkeypatch):
+    """Triton's group files name their entry's files by absolute path (the build's staging cache, gone by load
+    time): restored groups must point into this cache, or Triton's lookup misses and recompiles everything."""
+    pytest.importorskip("triton")  # part of the install on Linux x86_64; the format under test is Triton's own
+    from triton.runtime.cache import get_cache_manager
+
+    monkeypatch.setattr(kernel_cache, "_gpu", lambda: dict(GPU))
+    key = "ab" * 32
+    build_cache = tmp_path / "build-cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(build_cache))
+    built = get_cache_manager(key)
+    paths = {name: built.put(data, name, binary=True) for name, data in (("k.cubin", b"\x7fELF"), ("k.json", b"{}"))}
+    built.put_group("k.json", paths)
+    entry = Path(paths["k.json"]).parent
+    folder = _artifact(tmp_path, {f"{entry.name}/{f.name}": f.read_bytes() for f in entry.iterdir()})
+    shutil.rmtree(build_cache)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(triton_cache))
+    assert kernel_cache.restore(folder)[1].startswith("compiled kernels: 1 restored")
+    group = get_cache_manager(key).get_group("k.json")  # what triton.compile asks before compiling
+    assert group == {name: str(triton_cache / entry.name / name) for name in ("k.cubin", "k.json")}
+    assert Path(group["k.cubin"]).read_bytes() == b"\x7fELF"
+
+
 def test_other_gpu_or_triton_falls_back_with_notice(tmp_path, triton_cache, monkeypatch):
     monkeypatch.setattr(kernel_cache, "_gpu", lambda: {"name": "NVIDIA A100", "capability": [8, 0]})
     folder = _artifact(tmp_path, {"abcdefgh01/k.cubin": b"x"})
@@ -129,6 +154,7 @@ def test_gpu_build_ships_kernels_and_first_step_compiles_nothing(checkpoint, wri
     assert record["gpu"]["capability"] == list(torch.cuda.get_device_capability())
     assert {v["kernel"] for v in record["variants"]} >= {"_rmsnorm_fwd", "_rmsnorm_bwd"}
     cached, notice = _first_step("kc", tmp_path / "cache", tmp_path / "triton-a")
+    print("NOTICE", cached, notice[-1500:].replace("\n", " | "))
     assert cached["variants"] > 0 and cached["misses"] == 0, cached
     assert "first step compiles" not in notice
     uncached, notice = _first_step("kc", tmp_path / "cache", tmp_path / "triton-b", LOADSPEC_KERNEL_CACHE="0")
