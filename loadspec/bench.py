@@ -28,14 +28,22 @@ SHAPES = {
 NF4 = ("BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True, "
        "bnb_4bit_compute_dtype=torch.bfloat16)")
 FORWARD = "ids=torch.arange(1,33,device='cuda')[None]; m(ids); torch.cuda.synchronize()"
+# Each case's imports run before its load call is timed: torch, transformers' model code and bitsandbytes are
+# imported (loadspec the way its load does it), so the load call times loading; fresh → forward times everything.
+LIBRARIES = "import transformers.modeling_utils, transformers.models.llama.modeling_llama"
 CASES = {
-    "transformers_prequantized": ("from transformers import AutoModelForCausalLM", "m=AutoModelForCausalLM.from_pretrained(R+'/nf4', device_map='cuda')"),
-    "transformers_quantize_on_load": ("from transformers import AutoModelForCausalLM, BitsAndBytesConfig",
+    "transformers_prequantized": (f"{LIBRARIES}, bitsandbytes; from transformers import AutoModelForCausalLM",
+                                  "m=AutoModelForCausalLM.from_pretrained(R+'/nf4', device_map='cuda')"),
+    "transformers_quantize_on_load": (f"{LIBRARIES}, bitsandbytes; from transformers import AutoModelForCausalLM, BitsAndBytesConfig",
                                       f"m=AutoModelForCausalLM.from_pretrained(R+'/bf16', quantization_config={NF4}, dtype=torch.bfloat16, device_map='cuda')"),
-    "loadspec": ("import loadspec, loadspec.loader, transformers, bitsandbytes; from transformers import AutoModelForCausalLM",
+    "loadspec": ("import loadspec, loadspec.loader; from loadspec.deferred_imports import import_model_libraries; "
+                 f"import_model_libraries(bitsandbytes=True); {LIBRARIES}",
                  "m, tok = loadspec.load('bench', cache_dir=R+'/cache')"),
+    "loadspec_offload_embedding": ("import loadspec, loadspec.loader; from loadspec.deferred_imports import import_model_libraries; "
+                                   f"import_model_libraries(bitsandbytes=True); {LIBRARIES}",
+                                   "m, tok = loadspec.load('bench_offload', cache_dir=R+'/cache')"),
     "safetensors_raw": ("import glob; from safetensors.torch import load_file",
-                        "m=None; [load_file(f, device='cuda') for f in sorted(glob.glob(R+'/cache/artifacts/*/*.safetensors'))]"),
+                        "m=None; [load_file(f, device='cuda') for f in sorted(glob.glob(R+'/cache/artifacts/'+loadspec_fingerprint+'/*.safetensors'))]"),
 }
 
 
@@ -71,21 +79,23 @@ def _python(code: str, env: dict | None = None, timeout: int = 600) -> dict:
     return json.loads(lines[-1][7:]) if lines else {"error": (run.stdout[-400:] + run.stderr[-1500:]).strip()}
 
 
-def time_case(name: str, root: Path) -> dict:
-    """One case in a fresh process: load call time, fresh process to first forward, peak GPU memory."""
+def time_case(name: str, root: Path, fingerprint: str = "") -> dict:
+    """One case in a fresh process: load call time, fresh process to first forward, GPU memory after the
+    load and at peak. `fingerprint`: the artifact whose files the raw safetensors read takes."""
     imports, load = CASES[name]
     forward = "" if name == "safetensors_raw" else FORWARD + ";"
     code = (f"import time; t0=time.perf_counter(); import torch; torch.zeros(1, device='cuda'); {imports}; R={str(root)!r}; "
-            f"t=time.perf_counter(); {load}; torch.cuda.synchronize(); load_s=time.perf_counter()-t; {forward}"
-            "import json; print('RESULT', json.dumps(dict(load_s=load_s, first_forward_s=time.perf_counter()-t0, "
+            f"loadspec_fingerprint={fingerprint!r}; t=time.perf_counter(); {load}; torch.cuda.synchronize(); "
+            f"load_s=time.perf_counter()-t; model_gib=torch.cuda.memory_allocated()/2**30; {forward}"
+            "import json; print('RESULT', json.dumps(dict(load_s=load_s, first_forward_s=time.perf_counter()-t0, model_gib=model_gib, "
             "peak_gib=torch.cuda.max_memory_allocated()/2**30)))")
     return _python(code)
 
 
-def build_artifact(root: Path) -> dict:
-    """Build with loadspec in a fresh process; returns build seconds and peak host RSS."""
-    spec = root / "bench.toml"
-    spec.write_text(f'name = "bench"\n[model]\nsource = "{root / "bf16"}"\n[load]\nquant = "nf4"\n')
+def build_artifact(root: Path, name: str = "bench", extra: str = "") -> dict:
+    """Build with loadspec in a fresh process; returns build seconds, peak host RSS and the artifact folder."""
+    spec = root / f"{name}.toml"
+    spec.write_text(f'name = "{name}"\n[model]\nsource = "{root / "bf16"}"\n[load]\nquant = "nf4"\n{extra}')
     code = ("import time, resource, json, torch, transformers, bitsandbytes, loadspec, loadspec.builder; "
             "torch.zeros(1, device='cuda'); from transformers import AutoModelForCausalLM, AutoTokenizer; t=time.perf_counter(); "
             f"b=loadspec.build({str(spec)!r}, cache_dir={str(root / 'cache')!r}, progress=False, force=True); "
@@ -145,7 +155,10 @@ def run(shape: str, root: Path, reps: int = 2) -> dict:
     result["make_s"] = time.perf_counter() - started
     result["transformers_quantize_and_save"] = prequantize_with_transformers(root)
     result["loadspec_build"] = build_artifact(root)
-    result["cases"] = {name: [time_case(name, root) for _ in range(reps)] for name in CASES}
+    if "loadspec_offload_embedding" in CASES:  # the same weights, input embedding kept in CPU memory
+        result["loadspec_build_offload_embedding"] = build_artifact(root, "bench_offload", "offload_embedding = true\n")
+    fingerprint = Path(result["loadspec_build"].get("artifact", "")).name
+    result["cases"] = {name: [time_case(name, root, fingerprint) for _ in range(reps)] for name in CASES}
     result["cache_hit"] = cache_hit(root)
     result["logits"] = compare_logits(root)
     for tag in ("bf16", "nf4"):
@@ -160,11 +173,13 @@ def report(result: dict) -> str:
         return min(values) if values else float("nan")
 
     lines = [f"shape {result['shape']} on {result['gpu']} (torch {result['torch']}); bf16 {result['bf16_gib']:.2f} GiB, nf4 {result['nf4_gib']:.2f} GiB",
-             f"{'case':32} {'load call s':>11} {'fresh→forward s':>16} {'peak GiB':>9} {'vs transformers':>16}"]
+             f"{'case':32} {'load call s':>11} {'fresh→forward s':>16} {'model GiB':>9} {'of bf16':>8} {'peak GiB':>9} {'vs transformers':>16}"]
     base = best("transformers_prequantized", "load_s") if "transformers_prequantized" in CASES else float("nan")
     for name in CASES:
         load_s = best(name, "load_s")
-        lines.append(f"{name:32} {load_s:11.3f} {best(name, 'first_forward_s'):16.2f} {best(name, 'peak_gib'):9.2f} {base / load_s:15.1f}x")
+        model_gib = best(name, "model_gib")
+        lines.append(f"{name:32} {load_s:11.3f} {best(name, 'first_forward_s'):16.2f} {model_gib:9.2f} {model_gib / result['bf16_gib']:8.1%} "
+                     f"{best(name, 'peak_gib'):9.2f} {base / load_s:15.1f}x")
     build = result["loadspec_build"]
     hf_q = best("transformers_quantize_on_load", "load_s") if "transformers_quantize_on_load" in CASES else float("nan")
     lines.append(f"loadspec build (quantize + write): {build.get('build_s', float('nan')):.2f} s = "

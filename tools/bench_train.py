@@ -4,6 +4,7 @@
   python tools/bench_train.py measure ROOT SEQ [CASE]   fresh process per case: median step, peak GPU memory
   python tools/bench_train.py first-step ROOT           fresh process to the end of the first step, with and
                                                         without the compiled kernels shipped in the artifact
+  python tools/bench_train.py profile ROOT SEQ CASE     where one step's GPU time goes (torch.profiler, top ops)
 The step is the anchor's own loop (`train_step.py`'s LOOP: batch 1, AdamW on the LoRA parameters, median of
 steps 3-12, peak after step 2), imported from $ANCHORS (default ../shared/anchors), so both sides run the
 same code. LoRA as the anchor's: r=16, alpha=16, dropout 0, q/k/v/o/gate/up/down; NF4 with double quant.
@@ -102,7 +103,37 @@ def first_step(root: Path, seq: int = 4096, case: str = "loadspec_gc_offload_ker
         print(json.dumps(out), flush=True)
 
 
+PROFILE = """
+import loadspec, torch, time
+from torch.profiler import ProfilerActivity, profile
+m, tok = loadspec.load({name!r}, cache_dir={cache!r})
+m.train()
+opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+ids = torch.randint(0, 49152, (1, {seq}), device='cuda')
+def step():
+    m(input_ids=ids, labels=ids).loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+for _ in range(3):
+    step()
+torch.cuda.synchronize(); t = time.perf_counter(); step(); torch.cuda.synchronize(); wall = time.perf_counter() - t
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    step(); torch.cuda.synchronize()
+events = prof.key_averages()
+gpu = sum(e.self_device_time_total for e in events) / 1e6
+print(f"step wall {{wall:.3f}} s, GPU kernels {{gpu:.3f}} s ({{gpu / wall:.0%}} busy)")
+print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60))
+"""
+
+
+def profile_step(root: Path, seq: int, case: str) -> None:
+    """One step of `case` under torch.profiler: wall vs GPU kernel time, and the ops that take the GPU time."""
+    code = PROFILE.format(name=case, cache=str(root / "cache"), seq=seq)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=500, env={**os.environ, **ENV})
+    print(run.stdout if not run.returncode else run.stderr[-3000:], flush=True)
+
+
 if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
     phase, root = sys.argv[1], Path(sys.argv[2])
     if phase == "prep":
         prep(root)
@@ -110,5 +141,7 @@ if __name__ == "__main__":
         measure(root, int(sys.argv[3]), sys.argv[4:])
     elif phase == "first-step":
         first_step(root)
+    elif phase == "profile":
+        profile_step(root, int(sys.argv[3]), sys.argv[4])
     else:
         sys.exit(__doc__)

@@ -1,4 +1,4 @@
-"""GPU memory of one checkpoint loaded by loadspec as NF4, int8 and bf16, each in a fresh process.
+"""GPU memory of one checkpoint loaded by loadspec as NF4, int8 and bf16 (one fresh process, one load after another).
 
   python tools/bench_vram.py SOURCE_FOLDER CACHE_DIR [--json OUT.json]
 
@@ -13,11 +13,15 @@ from pathlib import Path
 
 QUANTS = ("none", "nf4", "int8")
 MEASURE = """
-import json, torch, loadspec
-torch.zeros(1, device='cuda'); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
-m, tok = loadspec.load({name!r}, cache_dir={cache!r})
-torch.cuda.synchronize()
-print('RESULT', json.dumps(dict(allocated=torch.cuda.memory_allocated() - base, peak=torch.cuda.max_memory_allocated() - base)))
+import gc, json, torch, loadspec
+torch.zeros(1, device='cuda'); base = torch.cuda.memory_allocated(); out = {{}}
+for name in {names!r}:
+    torch.cuda.reset_peak_memory_stats()
+    m, tok = loadspec.load(name, cache_dir={cache!r})
+    torch.cuda.synchronize()
+    out[name] = dict(allocated=torch.cuda.memory_allocated() - base, peak=torch.cuda.max_memory_allocated() - base)
+    del m, tok; gc.collect(); torch.cuda.empty_cache()
+print('RESULT', json.dumps(out))
 """
 
 
@@ -31,14 +35,14 @@ def main(argv=None) -> dict:
     from loadspec.bench import _python as run_python  # one fresh process, its RESULT line
 
     native = json.loads((Path(args.source) / "config.json").read_text()).get("max_position_embeddings", 2048)
-    results = {}
     for quant in QUANTS:
         spec = Path(args.cache) / f"vram_{quant}.toml"
         spec.parent.mkdir(parents=True, exist_ok=True)
         spec.write_text(f'name = "vram_{quant}"\n[model]\nsource = "{args.source}"\n[target]\ngpu = "auto"\n'
                         f'[load]\nquant = "{quant}"\nmax_seq_length = {native}\n')
         loadspec.build(spec, cache_dir=args.cache, progress=False)
-        results[quant] = run_python(MEASURE.format(name=f"vram_{quant}", cache=args.cache), timeout=300)
+    measured = run_python(MEASURE.format(names=[f"vram_{quant}" for quant in QUANTS], cache=args.cache), timeout=300)
+    results = {quant: measured.get(f"vram_{quant}", measured) for quant in QUANTS}  # the error for each if it failed
     bf16 = results["none"].get("allocated")
     print(f"{'format':8} {'weights GiB':>12} {'peak GiB':>9} {'of bf16':>8}")
     for quant, row in results.items():
