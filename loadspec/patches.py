@@ -269,7 +269,8 @@ def _patch_lora(module):
     import torch
     import torch.nn.functional as F
 
-    peft_forward = module.forward
+    slot = _forward_slot(module)
+    peft_forward = getattr(module, slot)  # under an accelerate hook, the module's own forward: the hook stays outside
 
     def forward(self, x, *args, **kwargs):
         adapters = [name for name in self.active_adapters if name in self.lora_A]
@@ -284,7 +285,7 @@ def _patch_lora(module):
             result = torch.addmm(result, down.reshape(-1, down.shape[-1]), self.lora_B[name].weight.to(dtype).t(),
                                  alpha=self.scaling[name])
         return result.view(shape)
-    return _swap(module, _forward_slot(module), types.MethodType(forward, module))
+    return _swap(module, slot, types.MethodType(forward, module))
 
 
 PATCHERS = {

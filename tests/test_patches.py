@@ -229,3 +229,30 @@ def test_lora_patch_computes_the_adapter_in_bf16_from_float32_weights(checkpoint
     torch.testing.assert_close(after[0].float(), before[0].float(), rtol=2e-2, atol=2e-2)
     for name in before[2]:  # bf16 adapter matmuls: gradients agree to bf16 precision
         torch.testing.assert_close(after[2][name], before[2][name], rtol=5e-2, atol=5e-3, msg=lambda m: f"{name}: {m}")
+
+
+def test_lora_patch_under_an_accelerate_hook_falls_back_without_recursing():
+    """A dispatched model's layers carry accelerate hooks: the patch replaces the module's own forward
+    (`_old_forward`), and its fallback to peft (adapters disabled) calls that one, not the hook again."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+    from peft import LoraConfig, get_peft_model
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.q_proj(x)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Tiny(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    add_hook_to_module(model.base_model.model.q_proj, ModelHook())
+    x = torch.randn(3, 8)
+    adapted = model(x)
+    with model.disable_adapter():
+        base = model(x)
+    assert patches.apply(model, [{"module": "LoraLayer", "kernel": "lora", "version": kernels.versions()["lora"]}])[0]["count"] == 1
+    torch.testing.assert_close(model(x), adapted, rtol=1e-6, atol=1e-6)
+    with model.disable_adapter():
+        assert torch.equal(model(x), base)
