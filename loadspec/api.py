@@ -154,11 +154,11 @@ def load(name_or_spec: str | Path, *, cache_dir: str | Path | None = None, devic
     from .loader import RECOVER, check_compatible, check_files, load_artifact
 
     store = Store(cache_dir)
-    training = None  # the adapter and checkpointing this load asks for ({"lora", "train"})
+    settings = None  # the adapter, checkpointing and placement this load asks for ({"lora", "train", "device_map"})
     fresh_patches = None  # the patch list of the plan made just now (a spec), else the artifact's own
     if str(name_or_spec).endswith(".toml") or Path(name_or_spec).is_file():
         planned = build(name_or_spec, cache_dir=cache_dir, target=target, progress=progress).plan
-        fingerprint, training = planned.fingerprint, {"lora": planned.lora, "train": planned.train, "device_map": planned.device_map}
+        fingerprint, settings = planned.fingerprint, {"lora": planned.lora, "train": planned.train, "device_map": planned.device_map}
         fresh_patches = planned.patches
     else:
         name = str(name_or_spec)
@@ -179,18 +179,17 @@ def load(name_or_spec: str | Path, *, cache_dir: str | Path | None = None, devic
     if problems:
         raise LoadspecError(f"artifact {fingerprint} is damaged: {'; '.join(problems)}. {RECOVER}")
     plan = LoadPlan.from_json((folder / "plan.json").read_text())
-    if training is None:
-        training = name_settings(store, str(name_or_spec), plan)
-    device_map = {"": device} if device else for_this_rank(training.get("device_map") or plan.device_map)
+    if settings is None:
+        settings = name_settings(store, str(name_or_spec), plan)
+    device_map = {"": device} if device else for_this_rank(settings["device_map"])
     _check_devices(device_map)
     store.touch(fingerprint)
     model, tokenizer = load_artifact(folder, plan, device_map=device_map)
     if patch is None:
-        patch = bool((training.get("train") or {}).get("kernels", False))
-    if patch:
-        _restore_kernels(folder)
-    model = _ready_to_train(model, training)
+        patch = bool((settings.get("train") or {}).get("kernels", False))
+    model = _ready_to_train(model, settings)
     if patch:  # after the adapter is attached: the lora patch acts on its layers
+        _restore_kernels(folder)
         _apply_patches(model, plan, fresh_patches)
     return model, tokenizer
 
@@ -221,10 +220,11 @@ def name_settings(store: Store, name: str, plan: LoadPlan) -> dict:
     """What `name` was built with beyond the artifact's bytes: its adapter and checkpointing ({"lora", "train"})
     and its placement ("device_map"). Artifacts are shared by names (none of these is in the fingerprint), so
     they are recorded per name; a pulled artifact's own plan serves its own name."""
-    training = store.index.get(f"{TRAINING_KEY}{name}")
-    if not training or training.get("fingerprint") != plan.fingerprint:
-        training = {"lora": plan.lora, "train": plan.train, "device_map": plan.device_map} if plan.name == name else {}
-    lora = training.get("lora") or {}
+    settings = store.index.get(f"{TRAINING_KEY}{name}")
+    if not settings or settings.get("fingerprint") != plan.fingerprint:
+        settings = {"lora": plan.lora, "train": plan.train} if plan.name == name else {}
+    settings = {"device_map": plan.device_map, **settings}  # no record of it (older or other name): the artifact's
+    lora = settings.get("lora") or {}
     if lora.get("kind") == "adapter":
         path = Path(lora["path"])
         if not (path / "adapter_config.json").is_file():
@@ -232,7 +232,7 @@ def name_settings(store: Store, name: str, plan: LoadPlan) -> dict:
         if sources.read_adapter(path).identity != lora["identity"]:
             raise UsageError(f"the LoRA adapter {path} changed since {name!r} was built; run 'loadspec build' on its spec "
                              "again so the new adapter is checked against the base.")
-    return training
+    return settings
 
 
 def _ready_to_train(model, training: dict):

@@ -31,17 +31,15 @@ FORWARD = "ids=torch.arange(1,33,device='cuda')[None]; m(ids); torch.cuda.synchr
 # Each case's imports run before its load call is timed: torch, transformers' model code and bitsandbytes are
 # imported (loadspec the way its load does it), so the load call times loading; fresh → forward times everything.
 LIBRARIES = "import transformers.modeling_utils, transformers.models.llama.modeling_llama"
+LOADSPEC_LIBRARIES = ("import loadspec, loadspec.loader; from loadspec.deferred_imports import import_model_libraries; "
+                      f"import_model_libraries(bitsandbytes=True); {LIBRARIES}")
 CASES = {
     "transformers_prequantized": (f"{LIBRARIES}, bitsandbytes; from transformers import AutoModelForCausalLM",
                                   "m=AutoModelForCausalLM.from_pretrained(R+'/nf4', device_map='cuda')"),
     "transformers_quantize_on_load": (f"{LIBRARIES}, bitsandbytes; from transformers import AutoModelForCausalLM, BitsAndBytesConfig",
                                       f"m=AutoModelForCausalLM.from_pretrained(R+'/bf16', quantization_config={NF4}, dtype=torch.bfloat16, device_map='cuda')"),
-    "loadspec": ("import loadspec, loadspec.loader; from loadspec.deferred_imports import import_model_libraries; "
-                 f"import_model_libraries(bitsandbytes=True); {LIBRARIES}",
-                 "m, tok = loadspec.load('bench', cache_dir=R+'/cache')"),
-    "loadspec_offload_embedding": ("import loadspec, loadspec.loader; from loadspec.deferred_imports import import_model_libraries; "
-                                   f"import_model_libraries(bitsandbytes=True); {LIBRARIES}",
-                                   "m, tok = loadspec.load('bench_offload', cache_dir=R+'/cache')"),
+    "loadspec": (LOADSPEC_LIBRARIES, "m, tok = loadspec.load('bench', cache_dir=R+'/cache')"),
+    "loadspec_offload_embedding": (LOADSPEC_LIBRARIES, "m, tok = loadspec.load('bench_offload', cache_dir=R+'/cache')"),
     "safetensors_raw": ("import glob; from safetensors.torch import load_file",
                         "m=None; [load_file(f, device='cuda') for f in sorted(glob.glob(R+'/cache/artifacts/'+loadspec_fingerprint+'/*.safetensors'))]"),
 }

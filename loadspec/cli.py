@@ -154,7 +154,7 @@ def inspect(name, cache_dir):
     folder = store.artifact_path(fingerprint)
     plan = LoadPlan.from_json((folder / "plan.json").read_text())
     click.echo(plan.explain())
-    placement = name_settings(store, name, plan).get("device_map") or plan.device_map
+    placement = name_settings(store, name, plan)["device_map"]
     if placement != plan.device_map:  # the artifact is shared with a name built for another placement
         click.echo(f"\n{name} loads with its own device map: {placement}")
     click.echo(f"\nartifact {folder}\n  built {manifest['created']} with " +

@@ -117,9 +117,9 @@ def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = Non
     with ThreadPoolExecutor(max_workers=2) as pool:
         stored = pool.submit(_read, folder, plan, device_map)
         # transformers' lazy module is not safe to import from two threads at once in a fresh process (an
-        # intermittent "cannot import name AutoModelForCausalLM"): both names are imported here, first
+        # intermittent "cannot import name AutoModelForCausalLM"): the model classes and AutoTokenizer are
+        # imported here, first
         import_model_libraries(bitsandbytes=plan.quant["method"] in ("nf4", "fp4", "int8") and bool(plan.quantized))
-        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
         tokenizer = pool.submit(_tokenizer, folder, plan)
         model = _skeleton(folder, plan)
         _assign(model, stored.result(), folder, plan)
