@@ -13,11 +13,14 @@ What each patch replaces:
   cross_entropy               the `*ForCausalLM` loss (transformers' ForCausalLMLoss without its float32 logits copy);
                               training with labels also fuses the LM head into the loss (no full logits; `logits` is None)
   lora                        peft's LoRA Linear layers (plain, 4-bit, 8-bit): the adapter runs in the activations' dtype
-                              from its float32 weights (cast per call, as autocast does), and its scaled output is added
-                              inside the second matmul. peft instead casts the activations to float32, runs both
-                              adapter matmuls there and clones the base output: on the H100 that was ~1/3 of a 1B
-                              QLoRA step's GPU time. DoRA, LoRA biases, merged or mixed-batch adapters keep peft's path.
-                              Applies to the adapter layers present when the patches are applied (none: count 0).
+                              from its float32 weights (cast per call, as autocast does). peft instead casts the
+                              activations to float32, runs both adapter matmuls there and clones the base output: on the
+                              H100 that was ~1/3 of a 1B QLoRA step's GPU time. When training a single adapter on a
+                              frozen Linear or Linear4bit, base matmul and adapter are one autograd node
+                              (`kernels.lora.lora_linear`: the per-layer Python and dispatch work of peft and
+                              bitsandbytes, not the GPU, set that step's time); otherwise the adapter's scaled output is
+                              added inside the second matmul. DoRA, LoRA biases, merged or mixed-batch adapters keep
+                              peft's path. Applies to the adapter layers present when the patches are applied.
 On a CPU without `TRITON_INTERPRET=1` the kernels fall back to their torch references.
 """
 from __future__ import annotations
@@ -265,9 +268,26 @@ def _lora_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, LoraLayer) and type(m).__name__ in ("Linear", "Linear4bit", "Linear8bitLt")]
 
 
+def _fusable(base, x) -> bool:
+    """A frozen torch Linear or bitsandbytes Linear4bit (computing in `x`'s dtype) without hooks of its own:
+    what `kernels.lora.lora_linear` computes in one autograd node."""
+    import torch
+
+    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook") or base.weight.requires_grad:
+        return False
+    if base.bias is not None and base.bias.requires_grad:
+        return False
+    if type(base) is torch.nn.Linear:
+        return True
+    return (type(base).__name__ == "Linear4bit" and getattr(base.weight, "quant_state", None) is not None
+            and getattr(base, "compute_dtype", None) in (None, x.dtype) and base.weight.device == x.device)
+
+
 def _patch_lora(module):
     import torch
     import torch.nn.functional as F
+
+    from .kernels.lora import lora_linear
 
     slot = _forward_slot(module)
     peft_forward = getattr(module, slot)  # under an accelerate hook, the module's own forward: the hook stays outside
@@ -277,6 +297,11 @@ def _patch_lora(module):
         if (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or not adapters
                 or any(self.use_dora.get(name) or self.lora_B[name].bias is not None for name in adapters)):
             return peft_forward(x, *args, **kwargs)
+        if len(adapters) == 1 and not args and not kwargs and torch.is_grad_enabled() and _fusable(self.base_layer, x):
+            name = adapters[0]
+            dropout = self.lora_dropout[name]
+            x_lora = None if isinstance(dropout, torch.nn.Identity) else dropout(x)
+            return lora_linear(x, self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], x_lora)
         result = self.base_layer(x, *args, **kwargs)
         dtype, shape = result.dtype, result.shape
         result = result.reshape(-1, shape[-1])

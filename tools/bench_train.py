@@ -77,12 +77,19 @@ def measure(root: Path, seq: int, cases: list[str]) -> None:
 
 
 FIRST_STEP = """
-import loadspec, torch
+import time; marks = [time.perf_counter()]
+import json, loadspec, torch
+marks.append(time.perf_counter())
 m, tok = loadspec.load({name!r}, cache_dir={cache!r})
 m.train()
 opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
 ids = torch.randint(0, 49152, (1, {seq}), device='cuda')
-m(input_ids=ids, labels=ids).loss.backward(); opt.step(); torch.cuda.synchronize()
+torch.cuda.synchronize(); marks.append(time.perf_counter())
+loss = m(input_ids=ids, labels=ids).loss; torch.cuda.synchronize(); marks.append(time.perf_counter())
+loss.backward(); torch.cuda.synchronize(); marks.append(time.perf_counter())
+opt.step(); torch.cuda.synchronize(); marks.append(time.perf_counter())
+print("PHASES", json.dumps(dict(zip(("import", "load", "forward", "backward", "optimizer"),
+                                    [round(b - a, 2) for a, b in zip(marks, marks[1:])]))))
 """
 
 
@@ -98,6 +105,9 @@ def first_step(root: Path, seq: int = 4096, case: str = "loadspec_gc_offload_ker
             run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=500, env=env)
             seconds = round(time.perf_counter() - start, 2)
         out = {"case": label, "seq": seq, "process_to_first_step_s": seconds}
+        phases = [line for line in run.stdout.splitlines() if line.startswith("PHASES ")]
+        if phases:
+            out["phases_s"] = json.loads(phases[0][len("PHASES "):])
         if run.returncode:
             out["error"] = run.stderr[-1500:]
         print(json.dumps(out), flush=True)
@@ -118,9 +128,10 @@ torch.cuda.synchronize(); t = time.perf_counter(); step(); torch.cuda.synchroniz
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     step(); torch.cuda.synchronize()
 events = prof.key_averages()
-gpu = sum(e.self_device_time_total for e in events) / 1e6
-print(f"step wall {{wall:.3f}} s, GPU kernels {{gpu:.3f}} s ({{gpu / wall:.0%}} busy)")
+gpu = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+print(f"step wall {{wall:.3f}} s, GPU kernels {{gpu:.3f}} s ({{gpu / wall:.0%}} busy), {{sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)}} kernels")
 print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60))
+print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 """
 
 

@@ -1,0 +1,153 @@
+"""A LoRA linear layer as one autograd node: base matmul (4-bit weight dequantized on the fly) plus adapter.
+
+    y = x @ W^T (+ bias) + scaling * (x_lora @ A^T) @ B^T          x_lora = dropout(x), or x itself
+
+peft runs this as a chain of modules and autograd nodes (bitsandbytes' MatMul4Bit behind a custom
+op, casts, the adapter's two matmuls, the add); in a QLoRA step of a 1B model on an H100 that Python
+and dispatch work, not the GPU, set the step time (the GPU was busy 42% of it). Here one node does:
+
+  forward   W = dequantize(W4) in the activations' dtype; y = x W^T; y += scaling * (x_lora A^T) B^T
+            (the adapter in the activations' dtype, from its float32 master weights, as autocast does)
+  backward  g = scaling * dy B;  dx = dy W (+ g A);  dA = g^T x_lora;  dB = scaling * dy^T (x_lora A^T)
+            (W dequantized again, never kept; gradients of A and B land in their float32 masters)
+
+The 4-bit weight is dequantized by bitsandbytes' own CUDA kernels, called directly (its
+`dequantize_4bit` wraps the same two kernels in several Python layers and dispatcher ops), so the
+weight is bit for bit the one bitsandbytes computes. Elsewhere (CPU) bitsandbytes' `dequantize_4bit`.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import VERSIONS
+
+VERSION = VERSIONS["lora"]
+
+
+@functools.cache
+def _native_dequantizers():
+    """bitsandbytes' C entry points for blockwise dequantization, or None where they are not loaded."""
+    try:
+        import ctypes
+
+        from bitsandbytes.cextension import lib
+    except Exception:  # noqa: BLE001 - any failure means: use bitsandbytes' Python path
+        return None
+    names = [f"cdequantize_blockwise_{d}_{q}" for d in ("fp32", "bf16", "fp16") for q in ("nf4", "fp4")]
+    names.append("cdequantize_blockwise_fp32")
+    functions = {}
+    for name in names:
+        function = getattr(lib, name, None)
+        if function is None:
+            return None
+        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]
+        function.restype = None
+        functions[name] = function
+    return functions
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def dequantize_4bit(packed: torch.Tensor, state) -> torch.Tensor:
+    """The weight of a bitsandbytes 4-bit parameter, in `state.dtype`, exactly as bitsandbytes dequantizes it."""
+    native = _native_dequantizers() if packed.is_cuda else None
+    nested_ok = not state.nested or (state.state2.absmax.dtype == torch.float32 and state.state2.code.dtype == torch.float32)
+    if native is None or state.dtype not in _DTYPE_NAMES or not nested_ok:
+        from bitsandbytes.functional import dequantize_4bit as bnb_dequantize_4bit
+
+        return bnb_dequantize_4bit(packed, state)
+    device = packed.device
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device).cuda_stream
+        absmax = state.absmax
+        if state.nested:  # the absmax are themselves 8-bit codes: dequantize them first, then shift
+            inner = state.state2
+            absmax = torch.empty(state.absmax.shape, dtype=torch.float32, device=device)
+            native["cdequantize_blockwise_fp32"](inner.code.data_ptr(), state.absmax.data_ptr(), inner.absmax.data_ptr(),
+                                                 absmax.data_ptr(), inner.blocksize, state.absmax.numel(), stream)
+            absmax += state.offset
+        out = torch.empty(state.shape, dtype=state.dtype, device=device)
+        native[f"cdequantize_blockwise_{_DTYPE_NAMES[state.dtype]}_{state.quant_type}"](
+            None, packed.data_ptr(), absmax.data_ptr(), out.data_ptr(), state.blocksize, out.numel(), stream)
+    return out
+
+
+def base_weight(layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A Linear or bitsandbytes Linear4bit layer's weight as a dense (out, in) matrix in `dtype`."""
+    weight = layer.weight
+    state = getattr(weight, "quant_state", None)
+    dense = weight if state is None else dequantize_4bit(weight, state)
+    return dense if dense.dtype == dtype else dense.to(dtype)
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, x_lora, lora_a, lora_b, layer, scaling):
+        autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype  # every operand in one dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        xl2 = x2 if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1]).to(dtype)
+        weight = base_weight(layer, dtype)
+        if layer.bias is None:
+            out = torch.mm(x2, weight.t())
+        else:
+            out = torch.addmm(layer.bias.to(dtype), x2, weight.t())
+        del weight
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        down = torch.mm(xl2, a.t())
+        out.addmm_(down, b.t(), alpha=scaling)
+        ctx.save_for_backward(xl2, a, b, down)
+        ctx.layer, ctx.scaling, ctx.separate = layer, scaling, x_lora is not None
+        ctx.shapes = (x.shape, None if x_lora is None else x_lora.shape)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        xl2, a, b, down = ctx.saved_tensors
+        need_x, need_xl, need_a, need_b = ctx.needs_input_grad[:4]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if dy2.dtype != a.dtype:
+            dy2 = dy2.to(a.dtype)
+        scaling = ctx.scaling
+        g = torch.mm(dy2, b)
+        if scaling != 1.0:
+            g.mul_(scaling)
+        dx = dxl = da = db = None
+        if need_x:
+            dx = torch.mm(dy2, base_weight(ctx.layer, dy2.dtype))
+            if not ctx.separate:
+                dx.addmm_(g, a)
+            dx = dx.view(ctx.shapes[0])
+        if ctx.separate and need_xl:
+            dxl = torch.mm(g, a).view(ctx.shapes[1])
+        if need_a:
+            da = torch.mm(g.t(), xl2)
+        if need_b:
+            db = torch.mm(dy2.t(), down)
+            if scaling != 1.0:
+                db.mul_(scaling)
+        return dx, dxl, da, db, None, None
+
+
+def lora_linear(x: torch.Tensor, layer: torch.nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                x_lora: torch.Tensor | None = None) -> torch.Tensor:
+    """`layer(x) + scaling * (x_lora or x) @ lora_a^T @ lora_b^T` in one autograd node.
+
+    `layer` is a frozen torch Linear or bitsandbytes Linear4bit (weight and bias without gradients);
+    `lora_a` (r, in) and `lora_b` (out, r) may be float32 masters: they are cast to `x`'s dtype, and their
+    gradients come back in their own dtype. Pass `x_lora` when the adapter sees another input (dropout).
+    """
+    return _LoraLinear.apply(x, x_lora, lora_a, lora_b, layer, float(scaling))
+
+
+def reference_lora_linear(x, layer, lora_a, lora_b, scaling, x_lora=None):
+    """The same in plain torch, as separate ops (what the fused node is tested against)."""
+    dtype = x.dtype
+    out = torch.nn.functional.linear(x, base_weight(layer, dtype), None if layer.bias is None else layer.bias.to(dtype))
+    adapter_input = x if x_lora is None else x_lora
+    return out + scaling * torch.nn.functional.linear(torch.nn.functional.linear(adapter_input, lora_a.to(dtype)), lora_b.to(dtype))
