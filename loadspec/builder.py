@@ -5,21 +5,26 @@ visible by renaming it only after everything here has succeeded.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import math
+import os
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import attrs
 import torch
 from tqdm.auto import tqdm
 
 from . import arch, fp8, kernel_cache, prequantized
 from .errors import UsageError
 from .plan import LoadPlan
+from .reader import CHUNK_BYTES, DTYPES, _pread_exactly, _ring, read_layout
 from .shards import ShardWriter
 from .source import Source
 from .store import sha256_file
@@ -27,6 +32,8 @@ from .vocab import add_tokens, open_tokenizer, resize_rows
 
 QUANT_SUFFIXES = ("", ".absmax", ".quant_map")
 NESTED_SUFFIXES = (".nested_absmax", ".nested_quant_map")
+READ_THREADS = min(8, os.cpu_count() or 1)
+READ_AHEAD_BYTES = {"cpu": 64 * 1024**2, "cuda": 2 * 1024**3}  # source bytes read ahead of the tensor in use
 
 
 def write_artifact(plan: LoadPlan, source: Source, folder: Path, *, progress: bool = True) -> dict:
@@ -36,13 +43,13 @@ def write_artifact(plan: LoadPlan, source: Source, folder: Path, *, progress: bo
     _write_config(plan, source, folder)
     warmup = kernel_cache.Warmup(plan, folder)  # compiles the patched kernels on the GPU while the weights are written
     try:
-        _write_weights(plan, source, skeleton, folder, progress)
+        digests = _write_weights(plan, source, skeleton, folder, progress)
         warmup.finish()
     except BaseException:
         warmup.abort()
         raise
     (folder / "plan.json").write_text(plan.to_json())
-    manifest = _manifest(plan, folder, progress)
+    manifest = _manifest(plan, folder, digests, progress)
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
 
@@ -110,7 +117,8 @@ def quantized_names(weight: str, quant: dict) -> list[str]:
     return [weight + s for s in suffixes] + [f"{weight}.quant_state.bitsandbytes__{quant['method']}"]
 
 
-def _write_weights(plan: LoadPlan, source: Source, skeleton: arch.Skeleton, folder: Path, progress: bool) -> None:
+def _write_weights(plan: LoadPlan, source: Source, skeleton: arch.Skeleton, folder: Path, progress: bool) -> dict[str, str]:
+    """Write the weight shards; returns their sha256 digests (hashed as they were written)."""
     wanted = set(skeleton.parameters)
     missing = wanted - set(source.tensors)
     if missing:
@@ -125,16 +133,16 @@ def _write_weights(plan: LoadPlan, source: Source, skeleton: arch.Skeleton, fold
     total = sum(math.prod(source.tensors[n].shape) for n in read)
     bar = tqdm(total=total, unit=" params", unit_scale=True, desc="build", disable=not progress)
     try:
-        with _Background(writer.add) as write:  # writing overlaps quantizing; reading runs ahead in _prefetch
-            for name, tensor in _prefetch(_stream(source, read)):
+        with contextlib.closing(_tensors(plan, source, read, device)) as tensors:  # stops the readers on an error
+            for name, tensor in tensors:
                 tensor = resize_rows(plan.tokenizer, name, tensor)  # added tokens: new embedding / LM head rows
                 if name in copied:
-                    write(name, tensor)
+                    writer.add(name, tensor)
                 elif name.endswith(".weight") and name[: -len(".weight")] in quantized:
                     for key, value in quantize(tensor.to(device, dtype), plan, name).items():
-                        write(key, value)
+                        writer.add(key, value)
                 else:
-                    write(name, tensor.to(dtype))
+                    writer.add(name, tensor.to(dtype))
                 bar.update(tensor.numel())
         writer.close()
     except BaseException:
@@ -142,6 +150,23 @@ def _write_weights(plan: LoadPlan, source: Source, skeleton: arch.Skeleton, fold
         raise
     finally:
         bar.close()
+    return writer.digests
+
+
+def _tensors(plan: LoadPlan, source: Source, names: set[str], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """The source's tensors in `names`, in the order they are written. Safetensors files are read by several
+    threads; on a GPU, those used there as they are stored (weights to quantize, tensors copied without a cast)
+    are read straight into GPU memory. The rest stay on the host, where resizing and casts run as they always did."""
+    if source.kind == "gguf" or any(source.tensors[n].file.endswith(".bin") for n in names):
+        return _prefetch(_stream(source, names))
+    resized = set((plan.tokenizer.get("vocab") or {}).get("tensors", ()))
+    quantized = {f"{module}.weight" for module in plan.quantized}
+
+    def place(name: str) -> torch.device:
+        as_stored = name in quantized or source.tensors[name].dtype == plan.dtype
+        return device if device.type == "cuda" and name not in resized and as_stored else torch.device("cpu")
+
+    return _read_ahead(source, names, place)
 
 
 def quantize(weight: torch.Tensor, plan: LoadPlan, name: str) -> dict[str, torch.Tensor]:
@@ -177,35 +202,95 @@ def quantize_int8(weight: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
     return {name: rows, f"{module}.SCB": scales.float(), f"{module}.weight_format": torch.tensor(0, dtype=torch.uint8)}
 
 
-class _Background:
-    """Runs `consume(*item)` on a worker thread, a few items behind the caller; re-raises its errors."""
+@attrs.frozen
+class _Stored:
+    """Where one source tensor's bytes are, and where they go."""
 
-    def __init__(self, consume, depth: int = 4):
-        self.consume, self.items, self.error = consume, queue.Queue(maxsize=depth), None
-        self.thread = threading.Thread(target=self._work, daemon=True)
+    name: str
+    path: Path
+    start: int  # byte range in the file
+    end: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    device: torch.device
 
-    def _work(self):
-        while (item := self.items.get()) is not None:
-            if self.error is None:
-                try:
-                    self.consume(*item)
-                except BaseException as exc:  # handed to the caller
-                    self.error = exc
 
-    def __call__(self, *item):
-        if self.error is not None:
-            raise self.error
-        self.items.put(item)
+def _read_ahead(source: Source, names: set[str], place) -> Iterator[tuple[str, torch.Tensor]]:
+    """The named tensors of a safetensors source, file by file in file order, each on the device `place(name)`
+    says. Threads read 16 MiB chunks with positional reads, while the caller works, at most READ_AHEAD_BYTES
+    (per kind of device; one larger tensor passes alone) ahead of the tensor it holds: a host tensor's chunks
+    straight into its buffer, a GPU tensor's through the reader's ring of pinned buffers and an asynchronous
+    copy on the reading thread's stream, which the caller's stream waits for before it gets the tensor."""
+    by_file: dict[str, list[str]] = {}
+    for name in sorted(names):
+        by_file.setdefault(source.tensors[name].file, []).append(name)
+    order = []
+    for file, file_names in sorted(by_file.items()):
+        path = source.path / file
+        base, header = read_layout(path)
+        for name in sorted(file_names, key=lambda n: header[n]["data_offsets"][0]):
+            begin, end = header[name]["data_offsets"]
+            order.append(_Stored(name, path, base + begin, base + end, DTYPES[header[name]["dtype"]],
+                                 tuple(header[name]["shape"]), place(name)))
+    fds = {path: os.open(path, os.O_RDONLY) for path in {item.path for item in order}}
+    streams = threading.local()
+    ring = _ring(CHUNK_BYTES, True) if any(item.device.type == "cuda" for item in order) else None
 
-    def __enter__(self):
-        self.thread.start()
-        return self
+    def to_host(item: _Stored, buffer, start: int) -> None:
+        _pread_exactly(fds[item.path], buffer, item.start + start, item.path)
 
-    def __exit__(self, *exc):
-        self.items.put(None)
-        self.thread.join()
-        if self.error is not None and exc[0] is None:
-            raise self.error
+    def to_device(item: _Stored, target: torch.Tensor, allocated, start: int):
+        staging = ring.get()
+        try:
+            for event in staging.events:  # its previous copy has left it
+                event.synchronize()
+            size = target.numel()
+            _pread_exactly(fds[item.path], staging.array[:size], item.start + start, item.path)
+            if not hasattr(streams, "stream"):
+                streams.stream = torch.cuda.Stream(item.device)
+            streams.stream.wait_event(allocated)
+            with torch.cuda.stream(streams.stream):
+                target.copy_(staging.tensor[:size], non_blocking=True)
+            staging.events = [torch.cuda.Event()]
+            staging.events[0].record(streams.stream)
+            return staging.events[0]
+        finally:
+            ring.put(staging)
+
+    def submit(item: _Stored):
+        raw = torch.empty(item.end - item.start, dtype=torch.uint8, device=item.device)
+        if item.device.type == "cuda":
+            allocated = torch.cuda.Event()
+            allocated.record(torch.cuda.current_stream(item.device))
+            jobs = [pool.submit(to_device, item, raw[a: a + CHUNK_BYTES], allocated, a) for a in range(0, raw.numel(), CHUNK_BYTES)]
+        else:
+            array = raw.numpy()
+            jobs = [pool.submit(to_host, item, array[a: a + CHUNK_BYTES], a) for a in range(0, raw.numel(), CHUNK_BYTES)]
+        return item, raw, jobs
+
+    pending: collections.deque = collections.deque()
+    ahead = collections.Counter()
+    pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="read")
+    try:
+        following = iter(order)
+        waiting = next(following, None)
+        while pending or waiting is not None:
+            while waiting is not None and (not pending or not ahead[waiting.device.type]
+                                           or ahead[waiting.device.type] + waiting.end - waiting.start <= READ_AHEAD_BYTES[waiting.device.type]):
+                pending.append(submit(waiting))
+                ahead[waiting.device.type] += waiting.end - waiting.start
+                waiting = next(following, None)
+            item, raw, jobs = pending.popleft()
+            ahead[item.device.type] -= item.end - item.start
+            for job in jobs:
+                event = job.result()
+                if event is not None:
+                    torch.cuda.current_stream(item.device).wait_event(event)
+            yield item.name, raw.view(item.dtype).view(item.shape)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for fd in fds.values():
+            os.close(fd)
 
 
 def _prefetch(items: Iterator, depth: int = 1) -> Iterator:
@@ -229,7 +314,7 @@ def _prefetch(items: Iterator, depth: int = 1) -> Iterator:
 
 
 def _stream(source: Source, wanted: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """The source's tensors one at a time (only those in `wanted`)."""
+    """A GGUF or pickle source's tensors one at a time (only those in `wanted`)."""
     if source.kind == "gguf":
         from . import gguf
 
@@ -237,28 +322,26 @@ def _stream(source: Source, wanted: set[str]) -> Iterator[tuple[str, torch.Tenso
             if name in wanted:
                 yield name, tensor
         return
-    from .reader import iter_file_tensors
-
     by_file: dict[str, list[str]] = {}
     for name in sorted(wanted):
         by_file.setdefault(source.tensors[name].file, []).append(name)
-    for file, names in sorted(by_file.items()):
-        if file.endswith(".bin"):  # a pickle checkpoint the spec allowed ([model] allow_pickle); never unpickles code
-            from .source import load_pickle_weights
+    for file, names in sorted(by_file.items()):  # a pickle checkpoint the spec allowed ([model] allow_pickle); never unpickles code
+        from .source import load_pickle_weights
 
-            state = load_pickle_weights(source.path / file)
-            for name in names:
-                yield name, state.pop(name)
-            del state
-            continue
-        yield from iter_file_tensors(source.path / file, names)
+        state = load_pickle_weights(source.path / file)
+        for name in names:
+            yield name, state.pop(name)
+        del state
 
 
-def _manifest(plan: LoadPlan, folder: Path, progress: bool) -> dict:
+def _manifest(plan: LoadPlan, folder: Path, digests: dict[str, str], progress: bool) -> dict:
+    """The manifest: every file's size and sha256 (`digests`: those hashed as they were written; the rest are read)."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "manifest.json")
-    with ThreadPoolExecutor(max_workers=8) as pool:  # hashlib releases the GIL: shards hash in parallel
-        digests = list(tqdm(pool.map(sha256_file, files), total=len(files), desc="hash", disable=not progress, leave=False))
-    entries = {path.name: {"size": path.stat().st_size, "sha256": digest} for path, digest in zip(files, digests)}
+    unhashed = [path for path in files if path.name not in digests]
+    with ThreadPoolExecutor(max_workers=8) as pool:  # hashlib releases the GIL: files hash in parallel
+        hashed = tqdm(pool.map(sha256_file, unhashed), total=len(unhashed), desc="hash", disable=not progress, leave=False)
+        digests = {**digests, **{path.name: digest for path, digest in zip(unhashed, hashed)}}
+    entries = {path.name: {"size": path.stat().st_size, "sha256": digests[path.name]} for path in files}
     return {"format_version": plan.format_version, "fingerprint": plan.fingerprint, "quantizer": _quantizer_name(plan),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": plan.versions,
             "target": plan.target["name"], "files": entries}
