@@ -48,39 +48,76 @@ def _native_dequantizers():
     return functions
 
 
+# the current CUDA stream's handle (what bitsandbytes passes its kernels), without making a Stream object per call
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (lambda index: torch.cuda.current_stream(index).cuda_stream)
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def dequantize_4bit(packed: torch.Tensor, state) -> torch.Tensor:
     """The weight of a bitsandbytes 4-bit parameter, in `state.dtype`, exactly as bitsandbytes dequantizes it."""
-    native = _native_dequantizers() if packed.is_cuda else None
-    nested_ok = not state.nested or (state.state2.absmax.dtype == torch.float32 and state.state2.code.dtype == torch.float32)
-    if native is None or state.dtype not in _DTYPE_NAMES or not nested_ok:
+    launch = _launch_arguments(packed, state) if packed.is_cuda else None
+    if launch is None:
         from bitsandbytes.functional import dequantize_4bit as bnb_dequantize_4bit
 
         return bnb_dequantize_4bit(packed, state)
+    nested, values = launch
     device = packed.device
-    with torch.cuda.device(device):
-        stream = torch.cuda.current_stream(device).cuda_stream
+    swap = device.index != torch.cuda.current_device()
+    if swap:
+        previous = torch.cuda.current_device()
+        torch.cuda.set_device(device)
+    try:
+        stream = _raw_stream(device.index)
         absmax = state.absmax
-        if state.nested:  # the absmax are themselves 8-bit codes: dequantize them first, then shift
-            inner = state.state2
-            absmax = torch.empty(state.absmax.shape, dtype=torch.float32, device=device)
-            native["cdequantize_blockwise_fp32"](inner.code.data_ptr(), state.absmax.data_ptr(), inner.absmax.data_ptr(),
-                                                 absmax.data_ptr(), inner.blocksize, state.absmax.numel(), stream)
+        if nested is not None:  # the absmax are themselves 8-bit codes: dequantize them first, then shift
+            function, code, codes, scales, blocksize, count = nested
+            absmax = torch.empty(count, dtype=torch.float32, device=device)
+            function(code, codes, scales, absmax.data_ptr(), blocksize, count, stream)
             absmax += state.offset
+        function, blocksize = values
         out = torch.empty(state.shape, dtype=state.dtype, device=device)
-        native[f"cdequantize_blockwise_{_DTYPE_NAMES[state.dtype]}_{state.quant_type}"](
-            None, packed.data_ptr(), absmax.data_ptr(), out.data_ptr(), state.blocksize, out.numel(), stream)
+        function(None, packed.data_ptr(), absmax.data_ptr(), out.data_ptr(), blocksize, out.numel(), stream)
+    finally:
+        if swap:
+            torch.cuda.set_device(previous)
     return out
+
+
+_LAUNCH_ATTR = "_loadspec_dequantize_launch"
+
+
+def _launch_arguments(packed: torch.Tensor, state):
+    """(nested absmax launch or None, value launch) for bitsandbytes' C dequantizers, kept on the QuantState
+    (checked against the tensors' addresses, which change only if they move); None: use bitsandbytes' Python path."""
+    key = (packed.data_ptr(), state.absmax.data_ptr())
+    cached = getattr(state, _LAUNCH_ATTR, None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    native = _native_dequantizers()
+    launch = None
+    if native is not None and state.dtype in _DTYPE_NAMES and state.quant_type in ("nf4", "fp4"):
+        nested = None
+        if state.nested:
+            inner = state.state2
+            if inner.absmax.dtype == torch.float32 and inner.code.dtype == torch.float32 and state.absmax.dtype == torch.uint8:
+                nested = (native["cdequantize_blockwise_fp32"], inner.code.data_ptr(), state.absmax.data_ptr(),
+                          inner.absmax.data_ptr(), inner.blocksize, state.absmax.numel())
+        if nested is not None or not state.nested:
+            launch = (nested, (native[f"cdequantize_blockwise_{_DTYPE_NAMES[state.dtype]}_{state.quant_type}"], state.blocksize))
+    setattr(state, _LAUNCH_ATTR, (key, launch))
+    return launch
 
 
 def base_weight(layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """A Linear or bitsandbytes Linear4bit layer's weight as a dense (out, in) matrix in `dtype`."""
     weight = layer.weight
     state = getattr(weight, "quant_state", None)
-    dense = weight if state is None else dequantize_4bit(weight, state)
-    return dense if dense.dtype == dtype else dense.to(dtype)
+    return _as(weight if state is None else dequantize_4bit(weight, state), dtype)
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype` (a no-op `.to` still costs a dispatch per call: this is on the per-layer path)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -89,15 +126,15 @@ class _LoraLinear(torch.autograd.Function):
     def forward(ctx, x, x_lora, lora_a, lora_b, layer, scaling):
         autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
         dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype  # every operand in one dtype
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        xl2 = x2 if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1]).to(dtype)
+        x2 = _as(x.reshape(-1, x.shape[-1]), dtype)
+        xl2 = x2 if x_lora is None else _as(x_lora.reshape(-1, x_lora.shape[-1]), dtype)
         weight = base_weight(layer, dtype)
         if layer.bias is None:
             out = torch.mm(x2, weight.t())
         else:
-            out = torch.addmm(layer.bias.to(dtype), x2, weight.t())
+            out = torch.addmm(_as(layer.bias, dtype), x2, weight.t())
         del weight
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        a, b = _as(lora_a, dtype), _as(lora_b, dtype)
         down = torch.mm(xl2, a.t())
         out.addmm_(down, b.t(), alpha=scaling)
         ctx.save_for_backward(xl2, a, b, down)
@@ -110,9 +147,7 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx, dy):
         xl2, a, b, down = ctx.saved_tensors
         need_x, need_xl, need_a, need_b = ctx.needs_input_grad[:4]
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        if dy2.dtype != a.dtype:
-            dy2 = dy2.to(a.dtype)
+        dy2 = _as(dy.reshape(-1, dy.shape[-1]), a.dtype)
         scaling = ctx.scaling
         g = torch.mm(dy2, b)
         if scaling != 1.0:

@@ -3,8 +3,7 @@
 `[train] gradient_checkpointing`:
 
 * `false` — autograd keeps every activation of the forward pass for the backward pass.
-* `true`  — each decoder layer keeps only its input; backward re-runs the layer from it
-  (transformers' own checkpointing, `torch.utils.checkpoint` non-reentrant).
+* `true`  — each decoder layer keeps only its input; backward re-runs the layer from it.
 * `"offload"` — as `true`, and the one tensor each layer keeps (its input, `layers x batch x
   sequence x hidden` bytes, what dominates at long sequences) waits for the backward pass in
   host memory instead of GPU memory:
@@ -16,11 +15,19 @@
     backward runs, the input of the layer below is already being copied back on the side
     stream (one layer of prefetch), so the compute stream rarely waits for PCIe.
 
-  The offload is a `torch.autograd.graph.saved_tensors_hooks` pair around
-  `torch.utils.checkpoint`: exactly the tensors checkpoint saves (the layer's positional
-  inputs) pass through it. Keyword inputs shared by all layers (attention mask, RoPE cos/sin)
-  are not copied. Tensors already in host memory (a model on the CPU) are kept as they are,
-  so on a CPU-only machine `"offload"` computes exactly what `true` does.
+How a layer is checkpointed (`checkpointed`): one autograd node per layer. Its forward runs the
+layer without recording anything (no graph, no saved activations) and keeps the layer's positional
+inputs (or their host copies); its backward re-runs the layer with autograd on, from those inputs,
+under the RNG state and autocast settings of the first run, and back-propagates through it. This
+is the "reentrant" scheme. torch's default non-reentrant checkpoint runs the first forward with
+autograd recording and sends every tensor the layer saves through Python hooks, twice; on an H100
+the Python work, not the GPU, set a 1B QLoRA step's time, and this scheme removes most of it.
+A layer whose keyword inputs need gradients (the reentrant scheme would drop them) or whose
+positional inputs need none (its parameters would get no gradient) uses torch's checkpoint instead.
+As with any reentrant checkpoint, parameters inside a layer receive their gradients in `.grad`
+(`loss.backward()`, what trainers call), not through `torch.autograd.grad`.
+Tensors already in host memory (a model on the CPU) are kept as they are, so on a CPU-only
+machine `"offload"` computes exactly what `true` does.
 
 Checkpointing recomputes the same operations on the same inputs with the same RNG state
 (dropout included), so gradients equal the ones without checkpointing; tests check equality.
@@ -28,6 +35,7 @@ Checkpointing acts only in training mode (`model.train()`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 
@@ -59,12 +67,12 @@ def enable(model, mode) -> None:
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hf.config.use_cache = False  # a KV cache is useless in training and checkpointed layers refuse it; generate() keeps its own setting
-    if mode == "offload":
-        offloader = ActivationOffloader()
-        function = functools.partial(offloaded_checkpoint, offloader)
-        for module in hf.modules():
-            if hasattr(module, "gradient_checkpointing"):
-                module._gradient_checkpointing_func = function
+    offloader = ActivationOffloader() if mode == "offload" else None
+    function = functools.partial(checkpointed, offloader)
+    for module in hf.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module._gradient_checkpointing_func = function
+    if offloader is not None:
         hf._loadspec_offloader = offloader
         decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else None  # peft calls hf.forward directly, so hook the decoder
         (decoder or hf).register_forward_pre_hook(lambda *_: offloader.new_pass())
@@ -74,10 +82,71 @@ def enable(model, mode) -> None:
         hf.enable_input_require_grads()
 
 
-def offloaded_checkpoint(offloader: "ActivationOffloader", function, *args, use_reentrant: bool = False, **kwargs):
-    """`torch.utils.checkpoint` (non-reentrant) whose saved inputs wait in host memory."""
-    with torch.autograd.graph.saved_tensors_hooks(offloader.pack, offloader.unpack):
-        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+def checkpointed(offloader: "ActivationOffloader | None", function, *args, use_reentrant: bool = False, **kwargs):
+    """Run `function(*args)` (a decoder layer, its keyword inputs bound) as one recomputed node; with an
+    `offloader`, its positional inputs wait in host memory. See the module docstring."""
+    keywords = getattr(function, "keywords", None) or {}
+    if (kwargs or not torch.is_grad_enabled() or _needs_grad(keywords.values())
+            or not _needs_grad(args) or any(not torch.is_tensor(a) for a in args)):
+        if offloader is None:
+            return checkpoint(function, *args, use_reentrant=False, **kwargs)
+        with torch.autograd.graph.saved_tensors_hooks(offloader.pack, offloader.unpack):
+            return checkpoint(function, *args, use_reentrant=False, **kwargs)
+    outputs = _Recomputed.apply(function, offloader, *args)
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
+def _needs_grad(values) -> bool:
+    """Whether any tensor among `values` (or inside tuples / lists of them) requires grad."""
+    for value in values:
+        if isinstance(value, (tuple, list)):
+            if _needs_grad(value):
+                return True
+        elif torch.is_tensor(value) and value.requires_grad:
+            return True
+    return False
+
+
+class _Recomputed(torch.autograd.Function):
+    """One layer: forward without autograd; backward recomputes it with autograd and back-propagates."""
+
+    @staticmethod
+    def forward(ctx, function, offloader, *args):
+        ctx.function, ctx.offloader = function, offloader
+        ctx.input_needs_grad = [a.requires_grad for a in args]
+        ctx.device = next((a.device for a in args if a.is_cuda), None)
+        ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(ctx.device) if ctx.device is not None else None)
+        ctx.autocast = [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)) for kind in ("cuda", "cpu")]
+        if offloader is None:
+            ctx.save_for_backward(*args)
+        else:
+            ctx.stashes = [offloader.pack(a) for a in args]
+        with torch.no_grad():
+            outputs = function(*args)
+        return outputs if isinstance(outputs, tuple) else (outputs,)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if ctx.offloader is None:
+            stored = ctx.saved_tensors
+        else:
+            stored, ctx.stashes = [ctx.offloader.unpack(s) for s in ctx.stashes], None
+        inputs = [t.detach().requires_grad_(needs) for t, needs in zip(stored, ctx.input_needs_grad)]
+        devices = [ctx.device] if ctx.device is not None else []
+        with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
+            torch.set_rng_state(ctx.rng[0])
+            if ctx.device is not None:
+                torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
+            for kind, enabled, dtype in ctx.autocast:
+                stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
+            with torch.enable_grad():
+                outputs = ctx.function(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(out, grad) for out, grad in zip(outputs, grads)
+                 if torch.is_tensor(out) and out.requires_grad and grad is not None]
+        if pairs:
+            torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
+        return (None, None, *(t.grad if needs else None for t, needs in zip(inputs, ctx.input_needs_grad)))
 
 
 class ActivationOffloader:

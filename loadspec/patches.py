@@ -16,7 +16,8 @@ What each patch replaces:
                               from its float32 weights (cast per call, as autocast does). peft instead casts the
                               activations to float32, runs both adapter matmuls there and clones the base output: on the
                               H100 that was ~1/3 of a 1B QLoRA step's GPU time. When training a single adapter on a
-                              frozen Linear or Linear4bit, base matmul and adapter are one autograd node
+                              frozen Linear or Linear4bit (or running > 512 rows without autograd, as a checkpointed
+                              layer's first forward does), base matmul and adapter are one autograd node
                               (`kernels.lora.lora_linear`: the per-layer Python and dispatch work of peft and
                               bitsandbytes, not the GPU, set that step's time); otherwise the adapter's scaled output is
                               added inside the second matmul. DoRA, LoRA biases, merged or mixed-batch adapters keep
@@ -256,6 +257,7 @@ def _fused_head_forward(module):
     return forward
 
 
+FUSED_MIN_ROWS = 512  # without autograd, fewer rows (decoding) keep bitsandbytes' own path: its 4-bit GEMV kernels win there
 LORA_LAYER = "LoraLayer"  # not a class name to match: every peft LoRA Linear layer (see _lora_layers)
 
 
@@ -297,7 +299,8 @@ def _patch_lora(module):
         if (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or not adapters
                 or any(self.use_dora.get(name) or self.lora_B[name].bias is not None for name in adapters)):
             return peft_forward(x, *args, **kwargs)
-        if len(adapters) == 1 and not args and not kwargs and torch.is_grad_enabled() and _fusable(self.base_layer, x):
+        if (len(adapters) == 1 and not args and not kwargs and (torch.is_grad_enabled() or x.numel() > FUSED_MIN_ROWS * x.shape[-1])
+                and _fusable(self.base_layer, x)):
             name = adapters[0]
             dropout = self.lora_dropout[name]
             x_lora = None if isinstance(dropout, torch.nn.Identity) else dropout(x)

@@ -61,3 +61,19 @@ def _toml(value):
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     return str(value)
+
+
+@pytest.fixture
+def graph_nodes():
+    """count(tensor) -> {autograd node class name: how many} over the graph that produced `tensor`."""
+    def count(tensor) -> dict[str, int]:
+        counts, seen, todo = {}, set(), [tensor.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            counts[type(node).__name__] = counts.get(type(node).__name__, 0) + 1
+            todo.extend(next_node for next_node, _ in node.next_functions)
+        return counts
+    return count

@@ -34,7 +34,7 @@ def count_layer_runs(model):
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
-def test_checkpointing_modes_give_equal_gradients(quant, checkpoint, write_spec, tmp_path):
+def test_checkpointing_modes_give_equal_gradients(quant, checkpoint, write_spec, tmp_path, graph_nodes):
     base = checkpoint("llama")
     cache = tmp_path / "cache"
     results, fingerprints = {}, set()
@@ -53,9 +53,10 @@ def test_checkpointing_modes_give_equal_gradients(quant, checkpoint, write_spec,
         results[mode] = gradients(model, ids)
         layers = len(model.get_base_model().model.layers)
         assert len(calls) == (layers if mode is False else 2 * layers)  # checkpointed layers run again in backward
-        if mode == "offload":  # one tensor per layer goes through the offload hooks: its input hidden states
-            # (some torch versions also save an empty placeholder tensor, left out here)
+        if mode == "offload":  # one tensor per layer goes to host memory: its input hidden states
             assert packed == [(2, ids.shape[1], 64)] * layers
+        nodes = graph_nodes(model(input_ids=ids, labels=ids).loss)  # one recomputed node per checkpointed layer
+        assert nodes.get("_RecomputedBackward", 0) == (0 if mode is False else layers)
     assert len(fingerprints) == 1  # [train] does not change the artifact
     reference = results[False]
     for mode in (True, "offload"):
@@ -75,6 +76,26 @@ def test_checkpointing_only_acts_in_training_and_leaves_eval_logits_alone(checkp
     with torch.no_grad():
         assert torch.equal(plain.eval()(input_ids=ids).logits, offload.eval()(input_ids=ids).logits)
     assert len(calls) == len(offload.get_base_model().model.layers)
+
+
+def test_a_layer_whose_keyword_input_needs_grad_falls_back_to_torch_checkpoint():
+    """The reentrant node would drop the gradient of a keyword input; torch's checkpoint keeps it."""
+    torch.manual_seed(0)
+    weight = torch.randn(4, 4, requires_grad=True)
+    x, bias = torch.randn(3, 4, requires_grad=True), torch.randn(4, requires_grad=True)
+
+    def layer(hidden, bias):
+        return torch.tanh(hidden @ weight + bias)
+    plain = torch.autograd.grad(layer(x, bias).sum(), (x, bias, weight))
+    import functools
+    out = checkpointing.checkpointed(None, functools.partial(layer, bias=bias), x)
+    assert type(out.grad_fn).__name__ != "_RecomputedBackward"
+    for got, want in zip(torch.autograd.grad(out.sum(), (x, bias, weight)), plain):
+        assert torch.equal(got, want)
+    out = checkpointing.checkpointed(None, functools.partial(layer, bias=bias.detach()), x)  # nothing but x needs grad
+    assert type(out.grad_fn).__name__ == "_RecomputedBackward"
+    out.sum().backward()  # parameters get their gradients inside the node's own backward: .grad, not autograd.grad
+    assert torch.equal(x.grad, plain[0]) and torch.equal(weight.grad, plain[2])
 
 
 def test_offloader_keeps_host_tensors_as_they_are():

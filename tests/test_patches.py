@@ -177,41 +177,28 @@ def _float32_matmuls(model, ids) -> int:
     return counter.count
 
 
-def _graph_nodes(tensor) -> dict[str, int]:
-    """How many autograd nodes of each kind produced `tensor`."""
-    counts, seen, todo = {}, set(), [tensor.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        counts[type(node).__name__] = counts.get(type(node).__name__, 0) + 1
-        todo.extend(next_node for next_node, _ in node.next_functions)
-    return counts
-
-
-def _lora_step(model, ids, labels, fused_nodes=None):
+def _lora_step(model, ids, labels, fused_nodes=None, graph_nodes=None):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)  # the same dropout masks on both sides
     out = model(input_ids=ids, labels=labels)
     if fused_nodes is not None:
-        assert _graph_nodes(out.loss).get("_LoraLinearBackward", 0) == fused_nodes
+        assert graph_nodes(out.loss).get("_LoraLinearBackward", 0) == fused_nodes
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out.loss.detach(), out.logits.detach(), grads
 
 
 @pytest.mark.parametrize("quant,dropout", [("none", 0.0), ("nf4", 0.0), ("nf4", 0.1)])
-def test_lora_patch_matches_peft_and_unpatches(quant, dropout, checkpoint, write_spec, tmp_path):
+def test_lora_patch_matches_peft_and_unpatches(quant, dropout, checkpoint, write_spec, tmp_path, graph_nodes):
     spec = write_spec(checkpoint("llama"), name=f"lora_{quant}", load={"quant": quant, "dtype": "float32"},
                       lora={"r": 8, "alpha": 16, "dropout": dropout, "target_modules": "all-linear"})
     model, _ = loadspec.load(spec, cache_dir=tmp_path / "cache", patch=False)
     model.train()
     ids, labels = _batch(model.config.vocab_size)
-    before = _lora_step(model, ids, labels, fused_nodes=0)
+    before = _lora_step(model, ids, labels, fused_nodes=0, graph_nodes=graph_nodes)
     applied = patches.apply(model, [{"module": "LoraLayer", "kernel": "lora", "version": kernels.versions()["lora"]}])
     assert applied[0]["count"] == 7 * model.config.num_hidden_layers  # q k v o gate up down in every layer
-    after = _lora_step(model, ids, labels, fused_nodes=applied[0]["count"])  # training: one node per LoRA layer
+    after = _lora_step(model, ids, labels, fused_nodes=applied[0]["count"], graph_nodes=graph_nodes)  # training: one node per LoRA layer
     torch.testing.assert_close(after[0], before[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(after[1], before[1], rtol=1e-5, atol=1e-5)
     assert after[2].keys() == before[2].keys() and all("lora_" in n for n in after[2])

@@ -5,6 +5,7 @@
   python tools/bench_train.py first-step ROOT           fresh process to the end of the first step, with and
                                                         without the compiled kernels shipped in the artifact
   python tools/bench_train.py profile ROOT SEQ CASE     where one step's GPU time goes (torch.profiler, top ops)
+  python tools/bench_train.py pyprofile ROOT SEQ CASE   which Python functions take one step's CPU time (cProfile)
 The step is the anchor's own loop (`train_step.py`'s LOOP: batch 1, AdamW on the LoRA parameters, median of
 steps 3-12, peak after step 2), imported from $ANCHORS (default ../shared/anchors), so both sides run the
 same code. LoRA as the anchor's: r=16, alpha=16, dropout 0, q/k/v/o/gate/up/down; NF4 with double quant.
@@ -97,8 +98,7 @@ def first_step(root: Path, seq: int = 4096, case: str = "loadspec_gc_offload_ker
     """Wall time of a whole fresh process (interpreter start to the first optimizer step) against an empty
     Triton cache: once restoring the artifact's compiled kernels, once compiling them."""
     code = FIRST_STEP.format(name=case, cache=str(root / "cache"), seq=seq)
-    for label, restore in (("warm_pycache", "1"), ("with_shipped_kernels", "1"), ("without_shipped_kernels", "0"),
-                           ("with_shipped_kernels", "1"), ("without_shipped_kernels", "0")):
+    for label, restore in (("warm_pycache", "1"), ("with_shipped_kernels", "1"), ("without_shipped_kernels", "0")):
         with tempfile.TemporaryDirectory() as triton_dir:
             env = {**os.environ, **ENV, "TRITON_CACHE_DIR": triton_dir, "LOADSPEC_KERNEL_CACHE": restore}
             start = time.perf_counter()
@@ -135,9 +135,17 @@ print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_
 """
 
 
-def profile_step(root: Path, seq: int, case: str) -> None:
-    """One step of `case` under torch.profiler: wall vs GPU kernel time, and the ops that take the GPU time."""
-    code = PROFILE.format(name=case, cache=str(root / "cache"), seq=seq)
+PYPROFILE = PROFILE.split("with profile(")[0] + """import cProfile, pstats
+prof = cProfile.Profile(); prof.enable(); step(); torch.cuda.synchronize(); prof.disable()
+print(f"step wall {{wall:.3f}} s (Python functions of one step below)")
+pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+"""
+
+
+def profile_step(root: Path, seq: int, case: str, python: bool = False) -> None:
+    """One step of `case` under torch.profiler (wall vs GPU kernel time, the ops that take GPU and CPU time),
+    or with `python` under cProfile (the Python functions that take the CPU time)."""
+    code = (PYPROFILE if python else PROFILE).format(name=case, cache=str(root / "cache"), seq=seq)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=500, env={**os.environ, **ENV})
     print(run.stdout if not run.returncode else run.stderr[-3000:], flush=True)
 
@@ -152,7 +160,7 @@ if __name__ == "__main__":
         measure(root, int(sys.argv[3]), sys.argv[4:])
     elif phase == "first-step":
         first_step(root)
-    elif phase == "profile":
-        profile_step(root, int(sys.argv[3]), sys.argv[4])
+    elif phase in ("profile", "pyprofile"):
+        profile_step(root, int(sys.argv[3]), sys.argv[4], python=phase == "pyprofile")
     else:
         sys.exit(__doc__)
