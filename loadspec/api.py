@@ -16,6 +16,7 @@ from .lora import check_adapter_path
 from .plan import LoadPlan, resolve
 from .spec import Spec, load_spec
 from .store import Store
+from .trace import phase
 from .vocab import with_vocabulary
 
 
@@ -187,10 +188,13 @@ def load(name_or_spec: str | Path, *, cache_dir: str | Path | None = None, devic
     model, tokenizer = load_artifact(folder, plan, device_map=device_map)
     if patch is None:
         patch = bool((settings.get("train") or {}).get("kernels", False))
-    model = _ready_to_train(model, settings)
+    with phase("adapter and checkpointing"):
+        model = _ready_to_train(model, settings)
     if patch:  # after the adapter is attached: the lora patch acts on its layers
-        _restore_kernels(folder)
-        _apply_patches(model, plan, fresh_patches)
+        with phase("kernel cache"):
+            _restore_kernels(folder)
+        with phase("patches"):
+            _apply_patches(model, plan, fresh_patches)
     return model, tokenizer
 
 

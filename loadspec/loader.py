@@ -19,6 +19,7 @@ from . import arch
 from .deferred_imports import import_model_libraries
 from .errors import LoadspecError
 from .plan import LoadPlan, block_of
+from .trace import phase
 
 
 RECOVER = "Rebuild it with 'loadspec build SPEC --force' or fetch it again with 'loadspec pull NAME'."
@@ -119,11 +120,17 @@ def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = Non
         # transformers' lazy module is not safe to import from two threads at once in a fresh process (an
         # intermittent "cannot import name AutoModelForCausalLM"): the model classes and AutoTokenizer are
         # imported here, first
-        import_model_libraries(bitsandbytes=plan.quant["method"] in ("nf4", "fp4", "int8") and bool(plan.quantized))
+        with phase("imports"):
+            import_model_libraries(bitsandbytes=plan.quant["method"] in ("nf4", "fp4", "int8") and bool(plan.quantized))
         tokenizer = pool.submit(_tokenizer, folder, plan)
-        model = _skeleton(folder, plan)
-        _assign(model, stored.result(), folder, plan)
-        tokenizer = tokenizer.result()
+        with phase("skeleton"):
+            model = _skeleton(folder, plan)
+        with phase("weights (waiting for the read)"):
+            weights = stored.result()
+        with phase("assign"):
+            _assign(model, weights, folder, plan)
+        with phase("tokenizer (waiting)"):
+            tokenizer = tokenizer.result()
     _place_buffers(model, device_map)
     if "cpu" in device_map.values() and len(set(device_map.values())) > 1:
         _run_on_cpu(model, device_map)  # offload_embedding: the plan keeps one GPU beside it

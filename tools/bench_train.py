@@ -79,7 +79,10 @@ def measure(root: Path, seq: int, cases: list[str]) -> None:
 
 FIRST_STEP = """
 import time; marks = [time.perf_counter()]
-import json, loadspec, torch
+import json, logging, loadspec, torch
+load_phases = []  # loadspec's own phase timings (its logger at DEBUG)
+handler = logging.Handler(); handler.emit = lambda record: load_phases.append(record.getMessage())
+logging.getLogger("loadspec").addHandler(handler); logging.getLogger("loadspec").setLevel(logging.DEBUG)
 marks.append(time.perf_counter())
 m, tok = loadspec.load({name!r}, cache_dir={cache!r})
 m.train()
@@ -90,7 +93,7 @@ loss = m(input_ids=ids, labels=ids).loss; torch.cuda.synchronize(); marks.append
 loss.backward(); torch.cuda.synchronize(); marks.append(time.perf_counter())
 opt.step(); torch.cuda.synchronize(); marks.append(time.perf_counter())
 print("PHASES", json.dumps(dict(zip(("import", "load", "forward", "backward", "optimizer"),
-                                    [round(b - a, 2) for a, b in zip(marks, marks[1:])]))))
+                                    [round(b - a, 2) for a, b in zip(marks, marks[1:])])), load=load_phases)))
 """
 
 
