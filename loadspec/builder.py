@@ -33,7 +33,7 @@ from .vocab import add_tokens, open_tokenizer, resize_rows
 QUANT_SUFFIXES = ("", ".absmax", ".quant_map")
 NESTED_SUFFIXES = (".nested_absmax", ".nested_quant_map")
 READ_THREADS = min(8, os.cpu_count() or 1)
-READ_AHEAD_BYTES = {"cpu": 64 * 1024**2, "cuda": 2 * 1024**3}  # source bytes read ahead of the tensor in use
+READ_AHEAD_BYTES = {"cpu": 32 * 1024**2, "cuda": 2 * 1024**3}  # source bytes read ahead of the tensor in use
 
 
 def write_artifact(plan: LoadPlan, source: Source, folder: Path, *, progress: bool = True) -> dict:

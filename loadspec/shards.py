@@ -21,7 +21,7 @@ import os
 import queue
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -33,10 +33,11 @@ SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16:
                      torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 HEADER_SLACK_PER_TENSOR = 200  # dtype, shape and offsets of one entry, generously
 MAX_SHARD_BYTES = 1024**3  # 1 GiB shards: parallel hashing and reads
-HOST_QUEUE_BYTES = 64 * 1024**2  # host tensors handed to shard threads, not yet written (one larger tensor passes alone)
+HOST_QUEUE_BYTES = 32 * 1024**2  # host tensors handed to shard threads, not yet written (one larger tensor passes alone)
 DEVICE_HOLD_BYTES = 3 * 1024**3  # GPU tensors waiting for their shard's header (at least one shard's worth)
 STAGING_BYTES = 16 * 1024**2  # one chunk of a GPU tensor on its way to the file, or of a read-back
 STAGING_SLOTS = 4
+FLUSH_BYTES = 128 * 1024**2  # bytes written to a shard after which the disk starts taking them, not only at its fsync
 
 
 def header_reserve(names: list[str]) -> int:
@@ -153,6 +154,8 @@ class _Shard:
         self._items: queue.Queue = queue.Queue()
         self._stopped = False
         self._error: BaseException | None = None
+        self._unflushed = 0
+        self._flushing = None  # the side thread's fdatasync in progress
         self._file = open(path, "wb")
         self._thread = threading.Thread(target=self._run, name=f"shard {path.name}", daemon=True)
         self._thread.start()
@@ -190,11 +193,20 @@ class _Shard:
             for budget in self.budgets.values():
                 budget.fail(exc)
         finally:
+            if self._flushing is not None:
+                wait([self._flushing])  # never close the descriptor under it
             self._file.close()
 
     def _write(self, position: int, data: memoryview) -> None:
         self._file.seek(position)
         self._file.write(data)
+        self._unflushed += len(data)
+        if self._unflushed >= FLUSH_BYTES and (self._flushing is None or self._flushing.done()):
+            if self._flushing is not None:
+                self._flushing.result()  # a write-back error: the shard fails here (the final fsync might not see it)
+            self._file.flush()
+            self._flushing = _flusher.submit(os.fdatasync, self._file.fileno())
+            self._unflushed = 0
 
     def _finish(self, header: bytes, pieces: list[_Piece]) -> None:
         self._write(0, memoryview(header))
@@ -210,14 +222,18 @@ class _Shard:
                     for start, chunk in chunks:
                         if self._stopped:
                             return
+                        if piece.ready is None:
+                            digest.update(chunk)
+                            continue
                         hashed = hasher.submit(digest.update, chunk)
-                        if piece.ready is not None:
-                            self._write(self.base + piece.offset + start, chunk)
+                        self._write(self.base + piece.offset + start, chunk)
                         hashed.result()
                     if piece.ready is not None:
                         piece.release()
         finally:
             os.close(reader)
+        if self._flushing is not None:
+            self._flushing.result()
         self._file.flush()
         os.fsync(self._file.fileno())
         self.digest = digest.hexdigest()
@@ -250,6 +266,7 @@ def _copy_out(piece: _Piece):
         pool.put(buffer)
 
 
+_flusher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fdatasync")  # the disk takes shards while they are written
 _pinned: queue.Queue | None = None
 _pinned_lock = threading.Lock()
 

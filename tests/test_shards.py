@@ -1,5 +1,8 @@
-"""The streaming safetensors writer produces ordinary files that safetensors and transformers read."""
+"""The streaming safetensors writer produces ordinary files that safetensors and transformers read, and their sha256."""
+import errno
+import hashlib
 import json
+import os
 
 import pytest
 import torch
@@ -61,3 +64,45 @@ def test_header_overflow_is_detected(tmp_path):
         writer.add(f"unexpected.{i}.with.a.rather.long.name", torch.ones(1))
     with pytest.raises(RuntimeError, match="exceeds"):
         writer.close()
+
+
+def test_digests_are_the_files_sha256(tmp_path):
+    data = tensors()
+    writer = ShardWriter(tmp_path, list(data), max_shard_bytes=10_000)
+    for name, t in data.items():
+        writer.add(name, t)
+    files = writer.close()
+    assert writer.digests == {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() for name in files}
+
+
+class _FullDisk:
+    """A real file whose writes fail with ENOSPC once `budget` bytes went through, as on a full disk."""
+
+    def __init__(self, handle, budget):
+        self._handle, self._budget = handle, budget
+
+    def write(self, data):
+        self._budget -= len(memoryview(data).cast("B"))
+        if self._budget < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self._handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+
+def test_a_shard_threads_write_error_reaches_the_caller_and_abort_cleans_up(tmp_path, monkeypatch):
+    from loadspec import shards
+
+    real_open = open
+    monkeypatch.setattr(shards, "open", lambda path, mode: _FullDisk(real_open(path, mode), 30_000), raising=False)
+    data = tensors()
+    writer = ShardWriter(tmp_path, [f"{name}.{i}" for i in range(20) for name in data], max_shard_bytes=40_000)
+    with pytest.raises(OSError) as failure:
+        for i in range(20):  # far more than the disk takes
+            for name, t in data.items():
+                writer.add(f"{name}.{i}", t)
+        writer.close()
+    assert failure.value.errno == errno.ENOSPC
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
