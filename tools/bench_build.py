@@ -138,6 +138,21 @@ def _read_stage(plan, source, quantize: bool):
     return run
 
 
+def disk_write_gbps(folder: Path, size: int = 512 * 1024**2) -> float:
+    """GB/s of one fsynced sequential write here: the floor under any durable build is artifact size / this."""
+    path = folder / "disk-probe"
+    data = os.urandom(16 * 1024**2)
+    started = time.perf_counter()
+    with open(path, "wb") as handle:
+        for _ in range(size // len(data)):
+            handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    seconds = time.perf_counter() - started
+    path.unlink()
+    return size / seconds / 1e9
+
+
 def transformers_quantize_on_load(source: Path, reps: int = 2) -> float:
     """Best seconds of transformers loading `source` quantized to NF4 on the GPU (in process, after imports)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -179,6 +194,7 @@ def measure(root: Path, shape: str, quant: str, reps: int = 2, old: bool = True)
     result["artifact_gib"] = sum(f.stat().st_size for f in shards) / 2**30
     with ThreadPoolExecutor(max_workers=8) as pool:
         result["rehash_s"] = _best(1, lambda: list(pool.map(sha256_file, shards)))
+    result["disk_gbps"] = disk_write_gbps(root)
     if old:
         manifest = json.loads((artifact / "manifest.json").read_text())["files"]
         with tempfile.TemporaryDirectory(dir=root) as folder:
@@ -195,7 +211,9 @@ def report(r: dict) -> str:
              f"  read the source (as the build does)  {r['read_s']:7.2f} s",
              f"  read + quantize/cast (dropped)       {r['read_quantize_s']:7.2f} s",
              f"  loadspec.build (total)               {r['build_s']:7.2f} s",
-             f"  re-hash of the shards (saved now)    {r['rehash_s']:7.2f} s"]
+             f"  re-hash of the shards (saved now)    {r['rehash_s']:7.2f} s",
+             f"  fsynced writes here: {r['disk_gbps']:.2f} GB/s, so the artifact alone needs "
+             f"{r['artifact_gib'] * 2**30 / 1e9 / r['disk_gbps']:.2f} s of disk"]
     if "sequential_s" in r:
         lines.append(f"  previous sequential method          {r['sequential_s']:7.2f} s  "
                      f"({r['sequential_s'] / r['build_s']:.1f}x the build; files identical: {r['identical']})")
