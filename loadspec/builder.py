@@ -5,7 +5,6 @@ visible by renaming it only after everything here has succeeded.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import math
@@ -17,14 +16,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import attrs
 import torch
 from tqdm.auto import tqdm
 
 from . import arch, fp8, kernel_cache, prequantized
 from .errors import UsageError
 from .plan import LoadPlan
-from .reader import CHUNK_BYTES, DTYPES, _pread_exactly, _ring, read_layout
+from .reader import read_ahead, stored_tensors
 from .shards import ShardWriter
 from .source import Source
 from .store import sha256_file
@@ -166,7 +164,13 @@ def _tensors(plan: LoadPlan, source: Source, names: set[str], device: torch.devi
         as_stored = name in quantized or source.tensors[name].dtype == plan.dtype
         return device if device.type == "cuda" and name not in resized and as_stored else torch.device("cpu")
 
-    return _read_ahead(source, names, place)
+    by_file: dict[str, list[str]] = {}
+    for name in sorted(names):
+        by_file.setdefault(source.tensors[name].file, []).append(name)
+    order = []
+    for file, file_names in sorted(by_file.items()):  # file by file, each in file order
+        order += stored_tensors(source.path / file, file_names, place)
+    return read_ahead(order, READ_AHEAD_BYTES, threads=READ_THREADS)
 
 
 def quantize(weight: torch.Tensor, plan: LoadPlan, name: str) -> dict[str, torch.Tensor]:
@@ -200,97 +204,6 @@ def quantize_int8(weight: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
     module = name[: -len(".weight")]
     rows, scales, _ = int8_vectorwise_quant(weight.contiguous().to(torch.float16))
     return {name: rows, f"{module}.SCB": scales.float(), f"{module}.weight_format": torch.tensor(0, dtype=torch.uint8)}
-
-
-@attrs.frozen
-class _Stored:
-    """Where one source tensor's bytes are, and where they go."""
-
-    name: str
-    path: Path
-    start: int  # byte range in the file
-    end: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    device: torch.device
-
-
-def _read_ahead(source: Source, names: set[str], place) -> Iterator[tuple[str, torch.Tensor]]:
-    """The named tensors of a safetensors source, file by file in file order, each on the device `place(name)`
-    says. Threads read 16 MiB chunks with positional reads, while the caller works, at most READ_AHEAD_BYTES
-    (per kind of device; one larger tensor passes alone) ahead of the tensor it holds: a host tensor's chunks
-    straight into its buffer, a GPU tensor's through the reader's ring of pinned buffers and an asynchronous
-    copy on the reading thread's stream, which the caller's stream waits for before it gets the tensor."""
-    by_file: dict[str, list[str]] = {}
-    for name in sorted(names):
-        by_file.setdefault(source.tensors[name].file, []).append(name)
-    order = []
-    for file, file_names in sorted(by_file.items()):
-        path = source.path / file
-        base, header = read_layout(path)
-        for name in sorted(file_names, key=lambda n: header[n]["data_offsets"][0]):
-            begin, end = header[name]["data_offsets"]
-            order.append(_Stored(name, path, base + begin, base + end, DTYPES[header[name]["dtype"]],
-                                 tuple(header[name]["shape"]), place(name)))
-    fds = {path: os.open(path, os.O_RDONLY) for path in {item.path for item in order}}
-    streams = threading.local()
-    ring = _ring(CHUNK_BYTES, True) if any(item.device.type == "cuda" for item in order) else None
-
-    def to_host(item: _Stored, buffer, start: int) -> None:
-        _pread_exactly(fds[item.path], buffer, item.start + start, item.path)
-
-    def to_device(item: _Stored, target: torch.Tensor, allocated, start: int):
-        staging = ring.get()
-        try:
-            for event in staging.events:  # its previous copy has left it
-                event.synchronize()
-            size = target.numel()
-            _pread_exactly(fds[item.path], staging.array[:size], item.start + start, item.path)
-            if not hasattr(streams, "stream"):
-                streams.stream = torch.cuda.Stream(item.device)
-            streams.stream.wait_event(allocated)
-            with torch.cuda.stream(streams.stream):
-                target.copy_(staging.tensor[:size], non_blocking=True)
-            staging.events = [torch.cuda.Event()]
-            staging.events[0].record(streams.stream)
-            return staging.events[0]
-        finally:
-            ring.put(staging)
-
-    def submit(item: _Stored):
-        raw = torch.empty(item.end - item.start, dtype=torch.uint8, device=item.device)
-        if item.device.type == "cuda":
-            allocated = torch.cuda.Event()
-            allocated.record(torch.cuda.current_stream(item.device))
-            jobs = [pool.submit(to_device, item, raw[a: a + CHUNK_BYTES], allocated, a) for a in range(0, raw.numel(), CHUNK_BYTES)]
-        else:
-            array = raw.numpy()
-            jobs = [pool.submit(to_host, item, array[a: a + CHUNK_BYTES], a) for a in range(0, raw.numel(), CHUNK_BYTES)]
-        return item, raw, jobs
-
-    pending: collections.deque = collections.deque()
-    ahead = collections.Counter()
-    pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="read")
-    try:
-        following = iter(order)
-        waiting = next(following, None)
-        while pending or waiting is not None:
-            while waiting is not None and (not pending or not ahead[waiting.device.type]
-                                           or ahead[waiting.device.type] + waiting.end - waiting.start <= READ_AHEAD_BYTES[waiting.device.type]):
-                pending.append(submit(waiting))
-                ahead[waiting.device.type] += waiting.end - waiting.start
-                waiting = next(following, None)
-            item, raw, jobs = pending.popleft()
-            ahead[item.device.type] -= item.end - item.start
-            for job in jobs:
-                event = job.result()
-                if event is not None:
-                    torch.cuda.current_stream(item.device).wait_event(event)
-            yield item.name, raw.view(item.dtype).view(item.shape)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        for fd in fds.values():
-            os.close(fd)
 
 
 def _prefetch(items: Iterator, depth: int = 1) -> Iterator:

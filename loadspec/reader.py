@@ -6,9 +6,13 @@ threads with positional reads into a small ring of pinned host buffers, allocate
 process and reused; each chunk's bytes go to their slots with asynchronous copies on the
 reading thread's own CUDA stream while other threads read the next chunks. Without CUDA
 the same path runs with ordinary host buffers.
+
+Loads read a whole artifact at once (`read_tensors`); builds stream a source tensor by tensor
+with a bounded read-ahead (`read_ahead`), and single tensors on the host (`iter_file_tensors`).
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import queue
@@ -79,7 +83,7 @@ _rings: dict[tuple[int, bool], queue.Queue] = {}
 _rings_lock = threading.Lock()
 
 
-def _ring(size: int, pinned: bool) -> queue.Queue:
+def staging_ring(size: int, pinned: bool) -> queue.Queue:
     """The process-wide ring of staging buffers of `size` bytes (pinning is expensive: done once)."""
     with _rings_lock:
         if (size, pinned) not in _rings:
@@ -105,7 +109,7 @@ def read_tensors(files: list[Path], place: Callable[[str], torch.device], *, thr
             slots.append((path, slot))
     arenas = {device: torch.empty(size, dtype=torch.uint8, device=device) for device, size in arena_size.items()}
     uses_cuda = any(device.type == "cuda" for device in arenas)
-    _copy_all(_chunks(slots, chunk_bytes), arenas, _ring(chunk_bytes, uses_cuda), uses_cuda, threads)
+    _copy_all(_chunks(slots, chunk_bytes), arenas, staging_ring(chunk_bytes, uses_cuda), uses_cuda, threads)
     result = {}
     for _, slot in slots:
         raw = arenas[slot.device][slot.offset: slot.offset + slot.end - slot.start]
@@ -155,7 +159,7 @@ def _copy_all(jobs: list, arenas, ring: queue.Queue, uses_cuda: bool, threads: i
             for event in staging.events:
                 event.synchronize()
             staging.events = []
-            _pread_exactly(fds[path], staging.array[:length], start, path)
+            pread_exactly(fds[path], staging.array[:length], start, path)
             used = set()
             for slot, src, size, dst in pieces:
                 target = arenas[slot.device][slot.offset + dst: slot.offset + dst + size]
@@ -185,6 +189,98 @@ def _copy_all(jobs: list, arenas, ring: queue.Queue, uses_cuda: bool, threads: i
             os.close(fd)
 
 
+@attrs.frozen
+class Stored:
+    """Where one stored tensor's bytes are, and the device they go to."""
+
+    name: str
+    path: Path
+    start: int  # byte range in the file
+    end: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    device: torch.device
+
+
+def stored_tensors(path: Path, names, place: Callable[[str], torch.device]) -> list[Stored]:
+    """The named tensors of one safetensors file, in file order, each bound for the device `place(name)` says."""
+    base, header = read_layout(path)
+    stored = []
+    for name in sorted(names, key=lambda n: header[n]["data_offsets"][0]):
+        begin, end = header[name]["data_offsets"]
+        stored.append(Stored(name, path, base + begin, base + end, DTYPES[header[name]["dtype"]], tuple(header[name]["shape"]),
+                             torch.device(place(name))))
+    return stored
+
+
+def read_ahead(order: list[Stored], ahead_bytes: dict[str, int], *, threads: int = 8) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for each of `order`, in that order, each on its device. Threads read CHUNK_BYTES chunks with
+    positional reads, while the caller works, at most `ahead_bytes[device type]` (one larger tensor passes alone)
+    ahead of the tensor it holds: a host tensor's chunks straight into its buffer, a GPU tensor's through the ring
+    of pinned buffers and an asynchronous copy on the reading thread's stream, which the caller's stream waits
+    for before it gets the tensor."""
+    fds = {path: os.open(path, os.O_RDONLY) for path in {item.path for item in order}}
+    streams = threading.local()
+    ring = staging_ring(CHUNK_BYTES, True) if any(item.device.type == "cuda" for item in order) else None
+
+    def to_host(item: Stored, buffer, start: int) -> None:
+        pread_exactly(fds[item.path], buffer, item.start + start, item.path)
+
+    def to_device(item: Stored, target: torch.Tensor, allocated, start: int):
+        staging = ring.get()
+        try:
+            for event in staging.events:  # its previous copy has left it
+                event.synchronize()
+            size = target.numel()
+            pread_exactly(fds[item.path], staging.array[:size], item.start + start, item.path)
+            if not hasattr(streams, "stream"):
+                streams.stream = torch.cuda.Stream(item.device)
+            streams.stream.wait_event(allocated)
+            with torch.cuda.stream(streams.stream):
+                target.copy_(staging.tensor[:size], non_blocking=True)
+            staging.events = [torch.cuda.Event()]
+            staging.events[0].record(streams.stream)
+            return staging.events[0]
+        finally:
+            ring.put(staging)
+
+    def submit(item: Stored):
+        raw = torch.empty(item.end - item.start, dtype=torch.uint8, device=item.device)
+        if item.device.type == "cuda":
+            allocated = torch.cuda.Event()
+            allocated.record(torch.cuda.current_stream(item.device))
+            jobs = [pool.submit(to_device, item, raw[a: a + CHUNK_BYTES], allocated, a) for a in range(0, raw.numel(), CHUNK_BYTES)]
+        else:
+            array = raw.numpy()
+            jobs = [pool.submit(to_host, item, array[a: a + CHUNK_BYTES], a) for a in range(0, raw.numel(), CHUNK_BYTES)]
+        return item, raw, jobs
+
+    pending: collections.deque = collections.deque()
+    ahead = collections.Counter()
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="read")
+    try:
+        following = iter(order)
+        waiting = next(following, None)
+        while pending or waiting is not None:
+            while waiting is not None and (not pending or not ahead[waiting.device.type]
+                                           or ahead[waiting.device.type] + waiting.end - waiting.start <= ahead_bytes[waiting.device.type]):
+                pending.append(submit(waiting))
+                ahead[waiting.device.type] += waiting.end - waiting.start
+                waiting = next(following, None)
+            item, raw, jobs = pending.popleft()
+            ahead[item.device.type] -= item.end - item.start
+            for job in jobs:
+                event = job.result()
+                if event is not None:
+                    torch.cuda.current_stream(item.device).wait_event(event)
+            yield item.name, raw.view(item.dtype).view(item.shape)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for fd in fds.values():
+            os.close(fd)
+
+
+
 def iter_file_tensors(path: Path, names) -> Iterator[tuple[str, torch.Tensor]]:
     """The named tensors of one safetensors file, one at a time in file order, each read into
     its own host buffer with positional reads (no memory map, so host memory holds only the
@@ -197,13 +293,14 @@ def iter_file_tensors(path: Path, names) -> Iterator[tuple[str, torch.Tensor]]:
             entry = header[name]
             begin, end = entry["data_offsets"]
             buffer = torch.empty(end - begin, dtype=torch.uint8)
-            _pread_exactly(fd, buffer.numpy(), base + begin, path)
+            pread_exactly(fd, buffer.numpy(), base + begin, path)
             yield name, buffer.view(DTYPES[entry["dtype"]]).view(tuple(entry["shape"]))
     finally:
         os.close(fd)
 
 
-def _pread_exactly(fd: int, buffer, offset: int, path: Path) -> None:
+def pread_exactly(fd: int, buffer, offset: int, path: Path) -> None:
+    """Fill `buffer` from `fd` at `offset` (positional reads, no shared file position); a short file is an error."""
     view = memoryview(buffer).cast("B")
     done = 0
     while done < len(view):

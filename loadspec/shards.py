@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .reader import _pread_exactly
+from .reader import pread_exactly
 
 SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8",
                      torch.int8: "I8", torch.int32: "I32", torch.int64: "I64", torch.float64: "F64", torch.bool: "BOOL",
@@ -243,7 +243,7 @@ def _read_back(fd: int, base: int, piece: _Piece, buffer: memoryview, path: Path
     """(offset in the piece, bytes) of a host piece, read back from the file into `buffer` a chunk at a time."""
     for start in range(0, piece.size, len(buffer)):
         size = min(len(buffer), piece.size - start)
-        _pread_exactly(fd, buffer[:size], base + piece.offset + start, path)
+        pread_exactly(fd, buffer[:size], base + piece.offset + start, path)
         yield start, buffer[:size]
 
 

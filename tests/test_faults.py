@@ -468,7 +468,7 @@ def built_and_pushed(spec_text, tmp_path):
 def test_disk_full_mid_pull_blames_the_cache_not_the_remote(spec_text, tmp_path, monkeypatch):
     from loadspec import remote as remotes
 
-    spec = built_and_pushed(spec_text, tmp_path)
+    built_and_pushed(spec_text, tmp_path)
     cache = tmp_path / "node"
     monkeypatch.setattr(remotes, "open", _disk_that_fills(10_000), raising=False)
     code, output, crash = run_cli("pull", "tiny", "--remote", tmp_path / "remote", "--cache-dir", cache, "-q", "--workers", "1")

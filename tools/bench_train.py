@@ -92,8 +92,8 @@ torch.cuda.synchronize(); marks.append(time.perf_counter())
 loss = m(input_ids=ids, labels=ids).loss; torch.cuda.synchronize(); marks.append(time.perf_counter())
 loss.backward(); torch.cuda.synchronize(); marks.append(time.perf_counter())
 opt.step(); torch.cuda.synchronize(); marks.append(time.perf_counter())
-print("PHASES", json.dumps(dict(zip(("import", "load", "forward", "backward", "optimizer"),
-                                    [round(b - a, 2) for a, b in zip(marks, marks[1:])])), load=load_phases)))
+steps = dict(zip(("import", "load", "forward", "backward", "optimizer"), [round(b - a, 2) for a, b in zip(marks, marks[1:])]))
+print("PHASES", json.dumps(dict(steps, load_phases=load_phases)))
 """
 
 
