@@ -36,12 +36,17 @@ def test_single_shard_round_trips(tmp_path):
         assert f.metadata() == {"format": "pt"}
 
 
-def test_rolls_over_into_indexed_shards(tmp_path):
-    data = tensors()
-    writer = ShardWriter(tmp_path, list(data), max_shard_bytes=10_000)
+def _written_in_small_shards(folder, data):
+    """`data` through a ShardWriter with 10 kB shards; returns (writer, file names)."""
+    writer = ShardWriter(folder, list(data), max_shard_bytes=10_000)
     for name, t in data.items():
         writer.add(name, t)
-    files = writer.close()
+    return writer, writer.close()
+
+
+def test_rolls_over_into_indexed_shards(tmp_path):
+    data = tensors()
+    _, files = _written_in_small_shards(tmp_path, data)
     assert files[-1] == "model.safetensors.index.json" and len(files) >= 3
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(data)
@@ -67,11 +72,7 @@ def test_header_overflow_is_detected(tmp_path):
 
 
 def test_digests_are_the_files_sha256(tmp_path):
-    data = tensors()
-    writer = ShardWriter(tmp_path, list(data), max_shard_bytes=10_000)
-    for name, t in data.items():
-        writer.add(name, t)
-    files = writer.close()
+    writer, files = _written_in_small_shards(tmp_path, tensors())
     assert writer.digests == {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() for name in files}
 
 
