@@ -164,13 +164,18 @@ def _tensors(plan: LoadPlan, source: Source, names: set[str], device: torch.devi
         as_stored = name in quantized or source.tensors[name].dtype == plan.dtype
         return device if device.type == "cuda" and name not in resized and as_stored else torch.device("cpu")
 
+    order = []
+    for file, file_names in _by_file(source, names):  # file by file, each in file order
+        order += stored_tensors(source.path / file, file_names, place)
+    return read_ahead(order, READ_AHEAD_BYTES, threads=READ_THREADS)
+
+
+def _by_file(source: Source, names) -> list[tuple[str, list[str]]]:
+    """(file, its names) for the source files holding `names`, both sorted."""
     by_file: dict[str, list[str]] = {}
     for name in sorted(names):
         by_file.setdefault(source.tensors[name].file, []).append(name)
-    order = []
-    for file, file_names in sorted(by_file.items()):  # file by file, each in file order
-        order += stored_tensors(source.path / file, file_names, place)
-    return read_ahead(order, READ_AHEAD_BYTES, threads=READ_THREADS)
+    return sorted(by_file.items())
 
 
 def quantize(weight: torch.Tensor, plan: LoadPlan, name: str) -> dict[str, torch.Tensor]:
@@ -235,10 +240,7 @@ def _stream(source: Source, wanted: set[str]) -> Iterator[tuple[str, torch.Tenso
             if name in wanted:
                 yield name, tensor
         return
-    by_file: dict[str, list[str]] = {}
-    for name in sorted(wanted):
-        by_file.setdefault(source.tensors[name].file, []).append(name)
-    for file, names in sorted(by_file.items()):  # a pickle checkpoint the spec allowed ([model] allow_pickle); never unpickles code
+    for file, names in _by_file(source, wanted):  # a pickle checkpoint the spec allowed ([model] allow_pickle); never unpickles code
         from .source import load_pickle_weights
 
         state = load_pickle_weights(source.path / file)

@@ -28,7 +28,6 @@ import os
 import sys
 import tempfile
 import types
-from pathlib import Path
 
 DEFERRED_MODULES = ("sklearn.metrics", "scipy.optimize")
 
@@ -141,10 +140,10 @@ def _package_map_key() -> list:
 def cached_package_map():
     """While inside, `importlib.metadata.packages_distributions()` answers from its cached result when
     nothing on sys.path changed since it was computed (and computes and keeps it otherwise)."""
-    from .store import DEFAULT_CACHE
+    from .store import cache_root
 
     real = importlib.metadata.packages_distributions
-    path = Path(os.environ.get("LOADSPEC_CACHE") or DEFAULT_CACHE).expanduser() / PACKAGE_MAP_FILE
+    path = cache_root() / PACKAGE_MAP_FILE
 
     def cached():
         key = _package_map_key()

@@ -78,6 +78,12 @@ class _Staging:
         self.array = self.tensor.numpy()
         self.events: list = []
 
+    def wait_until_free(self) -> None:
+        """Block until the copies that last read this buffer are done, so it can be filled again."""
+        for event in self.events:
+            event.synchronize()
+        self.events = []
+
 
 _rings: dict[tuple[int, bool], queue.Queue] = {}
 _rings_lock = threading.Lock()
@@ -156,9 +162,7 @@ def _copy_all(jobs: list, arenas, ring: queue.Queue, uses_cuda: bool, threads: i
     def job(path: Path, start: int, length: int, pieces) -> None:
         staging = ring.get()
         try:
-            for event in staging.events:
-                event.synchronize()
-            staging.events = []
+            staging.wait_until_free()
             pread_exactly(fds[path], staging.array[:length], start, path)
             used = set()
             for slot, src, size, dst in pieces:
@@ -229,8 +233,7 @@ def read_ahead(order: list[Stored], ahead_bytes: dict[str, int], *, threads: int
     def to_device(item: Stored, target: torch.Tensor, allocated, start: int):
         staging = ring.get()
         try:
-            for event in staging.events:  # its previous copy has left it
-                event.synchronize()
+            staging.wait_until_free()
             size = target.numel()
             pread_exactly(fds[item.path], staging.array[:size], item.start + start, item.path)
             if not hasattr(streams, "stream"):
