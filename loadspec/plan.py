@@ -329,6 +329,10 @@ def _check_rope_block(block: dict, where: str) -> None:
     factor = block.get("factor")
     if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1):
         raise UsageError(f"{where}: factor must be a number >= 1, got {factor!r}.")
+    original = block.get("original_max_position_embeddings")
+    if original is not None and (isinstance(original, bool) or not isinstance(original, int) or original < 1):
+        raise UsageError(f"{where}: original_max_position_embeddings must be a whole number of positions >= 1 "
+                         f"(the model's context before scaling), got {original!r}.")
 
 
 def _rope_override(spec: Spec, config: dict, key: str, current: dict, per_layer: bool, native: int, wanted: int, reasons: list) -> dict:

@@ -143,6 +143,9 @@ def test_override_checked_at_plan_time():
         plan(MISTRAL, 'max_seq_length = 262144\nrope_scaling = {rope_type = "yarn", factor = 4.0, original_max_position_embeddings = 32768}')
     with pytest.raises(SpecError, match="rope_scaling.*must be a non-empty table"):
         plan(MISTRAL, 'rope_scaling = "yarn"')
+    for written, shown in (("0", "0"), ("-4", "-4"), ("1.5", "1.5"), ('"32k"', "'32k'")):  # 0 divided by zero (test_spec_fuzz)
+        with pytest.raises(UsageError, match=f"original_max_position_embeddings must be a whole number.*got {shown}"):
+            plan(MISTRAL, f'rope_scaling = {{rope_type = "yarn", factor = 1.0, original_max_position_embeddings = {written}}}')
 
 
 def test_rope_edits_change_the_fingerprint_only_when_bytes_change():
