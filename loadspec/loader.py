@@ -174,35 +174,40 @@ def _skeleton(folder: Path, plan: LoadPlan) -> nn.Module:
                                    f"(model_type {config_dict.get('model_type')!r}: {exc}); it was built with transformers "
                                    f"{plan.versions.get('transformers', 'unknown')}. Upgrade transformers.") from None
     dtype = getattr(torch, plan.dtype)
-    with arch.skip_weight_init(), _parameters_on_meta():
+    with arch.skip_weight_init(), _parameters_on_meta():  # the quantized layers too: no init, nothing allocated
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if plan.quant["method"] == "fp8":
-        from .fp8 import swap_linears
+        if plan.quant["method"] == "fp8":
+            from .fp8 import swap_linears
 
-        swap_linears(model, plan.quantized, plan.quant["scaling"], dtype)
-    elif plan.quantized:
-        import bitsandbytes as bnb
-        from transformers import BitsAndBytesConfig
-
-        int8 = plan.quant["method"] == "int8"
-        compute = getattr(torch, plan.quant.get("compute_dtype", plan.dtype))  # a pre-quantized source's own
-        for name in plan.quantized:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            old = getattr(parent, child)
-            if int8:
-                setattr(parent, child, bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=old.bias is not None,
-                                                           has_fp16_weights=False, threshold=plan.quant["threshold"], device="meta"))
-                continue
-            setattr(parent, child, bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
-                                                     compute_dtype=compute, compress_statistics=plan.quant["double_quant"],
-                                                     quant_type=plan.quant["method"], quant_storage=torch.uint8, device="meta"))
-        model.config.quantization_config = BitsAndBytesConfig.from_dict(quant_config)
-        model.is_loaded_in_4bit, model.is_loaded_in_8bit = not int8, int8
-        model.quantization_method = "bitsandbytes"
+            swap_linears(model, plan.quantized, plan.quant["scaling"], dtype)
+        elif plan.quantized:
+            _swap_bitsandbytes_linears(model, plan, quant_config)
     if (folder / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     return model
+
+
+def _swap_bitsandbytes_linears(model: nn.Module, plan: LoadPlan, quant_config: dict | None) -> None:
+    """Replace the plan's quantized Linear layers with empty bitsandbytes 4-bit / 8-bit ones."""
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    int8 = plan.quant["method"] == "int8"
+    compute = getattr(torch, plan.quant.get("compute_dtype", plan.dtype))  # a pre-quantized source's own
+    for name in plan.quantized:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        if int8:
+            setattr(parent, child, bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=old.bias is not None,
+                                                       has_fp16_weights=False, threshold=plan.quant["threshold"], device="meta"))
+            continue
+        setattr(parent, child, bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
+                                                 compute_dtype=compute, compress_statistics=plan.quant["double_quant"],
+                                                 quant_type=plan.quant["method"], quant_storage=torch.uint8, device="meta"))
+    model.config.quantization_config = BitsAndBytesConfig.from_dict(quant_config)
+    model.is_loaded_in_4bit, model.is_loaded_in_8bit = not int8, int8
+    model.quantization_method = "bitsandbytes"
 
 
 def _device_for(name: str, device_map: dict) -> torch.device:

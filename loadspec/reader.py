@@ -1,11 +1,11 @@
 """Read safetensors files straight into device memory.
 
-Every tensor gets an aligned slot in one arena per device (a single allocation, no
-per-tensor allocator traffic). The files' data regions are read in chunks by several
-threads with positional reads into a small ring of pinned host buffers, allocated once per
-process and reused; each chunk's bytes go to their slots with asynchronous copies on the
-reading thread's own CUDA stream while other threads read the next chunks. Without CUDA
-the same path runs with ordinary host buffers.
+Tensors bound for a GPU land in one arena per device (a single allocation), laid out as in
+their file. The files are read in chunks by several threads with positional reads into a
+small ring of pinned host buffers, allocated once per process and reused; each chunk goes to
+its device in one asynchronous copy on the reading thread's own CUDA stream while other
+threads read the next chunks. Tensors bound for the host are the file's pages, mapped
+copy-on-write: nothing is read until they are used.
 
 Loads read a whole artifact at once (`read_tensors`); builds stream a source tensor by tensor
 with a bounded read-ahead (`read_ahead`), and single tensors on the host (`iter_file_tensors`).
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import json
+import mmap
 import os
 import queue
 import struct
@@ -37,15 +38,15 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-@attrs.frozen
-class Slot:
-    key: str
+@attrs.define(eq=False)
+class Run:
+    """A stretch of one file whose tensors all go to one device, read into its arena in file layout."""
+
+    path: Path
     start: int  # absolute byte range in the file
     end: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
     device: torch.device
-    offset: int  # byte offset in the device's arena
+    offset: int  # byte offset of `start` in the device's arena: congruent to `start` modulo ALIGN
 
 
 def read_layout(path: Path) -> tuple[int, dict]:
@@ -77,12 +78,20 @@ class _Staging:
         self.tensor = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
         self.array = self.tensor.numpy()
         self.events: list = []
+        self._event = None
 
     def wait_until_free(self) -> None:
         """Block until the copies that last read this buffer are done, so it can be filled again."""
         for event in self.events:
             event.synchronize()
         self.events = []
+
+    def record(self, stream) -> None:
+        """Mark the copies just queued on `stream` as this buffer's last readers (one reused CUDA event)."""
+        if self._event is None:
+            self._event = torch.cuda.Event()
+        self._event.record(stream)
+        self.events = [self._event]
 
 
 _rings: dict[tuple[int, bool], queue.Queue] = {}
@@ -102,92 +111,88 @@ def staging_ring(size: int, pinned: bool) -> queue.Queue:
 
 def read_tensors(files: list[Path], place: Callable[[str], torch.device], *, threads: int = 8,
                  chunk_bytes: int = CHUNK_BYTES) -> dict[str, torch.Tensor]:
-    """Every tensor of `files`, each on the device `place(key)` names."""
-    slots: list[tuple[Path, Slot]] = []
+    """Every tensor of `files`, each on the device `place(key)` names.
+
+    Consecutive tensors bound for one device form a run, laid out in its device's arena as in the file (at an
+    offset congruent to the file's modulo ALIGN), so each chunk reaches the device in one copy and the reading
+    threads take Python's lock as rarely as possible: it is what the caller needs meanwhile to build the model.
+    A tensor whose file offset does not suit its dtype is copied once more to an aligned buffer."""
+    runs: list[Run] = []
+    tensors: list[tuple[str, Run, int, int, torch.dtype, tuple[int, ...]]] = []  # key, run, start, end, dtype, shape
     arena_size: dict[torch.device, int] = defaultdict(int)
     for path in files:
         base, header = read_layout(path)
-        for key, entry in header.items():
-            begin, end = entry["data_offsets"]
+        for key, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+            start, end = (base + offset for offset in entry["data_offsets"])
             device = torch.device(place(key))
-            slot = Slot(key, base + begin, base + end, DTYPES[entry["dtype"]], tuple(entry["shape"]), device, arena_size[device])
-            arena_size[device] += -(-(end - begin) // ALIGN) * ALIGN
-            slots.append((path, slot))
-    arenas = {device: torch.empty(size, dtype=torch.uint8, device=device) for device, size in arena_size.items()}
-    uses_cuda = any(device.type == "cuda" for device in arenas)
-    _copy_all(_chunks(slots, chunk_bytes), arenas, staging_ring(chunk_bytes, uses_cuda), uses_cuda, threads)
+            if not runs or runs[-1].path != path or runs[-1].device != device or runs[-1].end != start:
+                offset = -(-arena_size[device] // ALIGN) * ALIGN + start % ALIGN
+                runs.append(Run(path, start, start, device, offset))
+            run = runs[-1]
+            run.end = end
+            arena_size[device] = run.offset + run.end - run.start
+            tensors.append((key, run, start, end, DTYPES[entry["dtype"]], tuple(entry["shape"])))
+    arenas = {device: torch.empty(size, dtype=torch.uint8, device=device) for device, size in arena_size.items() if device.type != "cpu"}
+    arenas.update(_mapped(runs))
+    jobs = [(run, at, min(chunk_bytes, run.end - at)) for run in runs if run.device.type != "cpu"
+            for at in range(run.start, run.end, chunk_bytes)]
+    if jobs:
+        _copy_all(jobs, arenas, staging_ring(chunk_bytes, True), threads)
     result = {}
-    for _, slot in slots:
-        raw = arenas[slot.device][slot.offset: slot.offset + slot.end - slot.start]
-        result[slot.key] = raw.view(slot.dtype).view(slot.shape)
+    for key, run, start, end, dtype, shape in tensors:
+        at = run.offset + start - run.start
+        raw = arenas[run if run.device.type == "cpu" else run.device][at: at + end - start]
+        if at % dtype.itemsize:
+            raw = raw.clone()  # a fresh allocation is aligned for any dtype
+        result[key] = raw.view(dtype).view(shape)
     return result
 
 
-def _chunks(slots: list[tuple[Path, Slot]], chunk_bytes: int) -> list:
-    """(file, start, length, pieces) jobs; a piece is (slot, offset in chunk, length, offset in slot)."""
-    by_file: dict[Path, list[Slot]] = defaultdict(list)
-    for path, slot in slots:
-        by_file[path].append(slot)
-    jobs = []
-    for path, file_slots in by_file.items():
-        file_slots.sort(key=lambda s: s.start)
-        first, end = 0, max(s.end for s in file_slots)
-        for start in range(file_slots[0].start, end, chunk_bytes):
-            stop = start + chunk_bytes
-            while first < len(file_slots) and file_slots[first].end <= start:
-                first += 1
-            pieces = []
-            for s in file_slots[first:]:
-                if s.start >= stop:
-                    break
-                lo, hi = max(s.start, start), min(s.end, stop)
-                if hi > lo:
-                    pieces.append((s, lo - start, hi - lo, lo - s.start))
-            jobs.append((path, start, min(stop, end) - start, pieces))
-    return jobs
+def _mapped(runs: list[Run]) -> dict[Run, torch.Tensor]:
+    """Each host run as bytes of its file mapped copy-on-write: nothing is read until used, the pages are the page
+    cache's (shared with every process mapping the file), and writes to the tensors never reach the file. A run's
+    offset is then its start in the file."""
+    maps, arenas = {}, {}
+    for run in runs:
+        if run.device.type != "cpu":
+            continue
+        run.offset = run.start
+        if run.path not in maps:
+            with open(run.path, "rb") as handle:
+                maps[run.path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        arenas[run] = torch.frombuffer(maps[run.path], dtype=torch.uint8)
+    return arenas
 
 
-def _copy_all(jobs: list, arenas, ring: queue.Queue, uses_cuda: bool, threads: int) -> None:
-    fds = {path: os.open(path, os.O_RDONLY) for path in {job[0] for job in jobs}}
+def _copy_all(jobs: list[tuple[Run, int, int]], arenas: dict, ring: queue.Queue, threads: int) -> None:
+    """Run each (run, file offset, length) job: the bytes go through a pinned staging buffer and one asynchronous
+    copy on the reading thread's own stream to the run's place in its device's arena."""
+    fds = {path: os.open(path, os.O_RDONLY) for path in {run.path for run, _, _ in jobs}}
     local = threading.local()
 
-    def stream_for(device: torch.device):
+    def job(run: Run, at: int, length: int) -> None:
+        target = arenas[run.device][run.offset + at - run.start: run.offset + at - run.start + length]
         streams = getattr(local, "streams", None)
         if streams is None:
             streams = local.streams = {}
-        if device not in streams:
-            streams[device] = torch.cuda.Stream(device=device)
-        return streams[device]
-
-    def job(path: Path, start: int, length: int, pieces) -> None:
+        if run.device not in streams:  # this thread's copies go on its own stream, made current once
+            streams[run.device] = torch.cuda.Stream(device=run.device)
+            torch.cuda.set_stream(streams[run.device])
         staging = ring.get()
         try:
             staging.wait_until_free()
-            pread_exactly(fds[path], staging.array[:length], start, path)
-            used = set()
-            for slot, src, size, dst in pieces:
-                target = arenas[slot.device][slot.offset + dst: slot.offset + dst + size]
-                if slot.device.type == "cuda":
-                    stream = stream_for(slot.device)
-                    with torch.cuda.stream(stream):
-                        target.copy_(staging.tensor[src: src + size], non_blocking=True)
-                    used.add(stream)
-                else:
-                    target.copy_(staging.tensor[src: src + size])
-            for stream in used:
-                event = torch.cuda.Event()
-                event.record(stream)
-                staging.events.append(event)
+            pread_exactly(fds[run.path], staging.array[:length], at, run.path)
+            target.copy_(staging.tensor[:length], non_blocking=True)
+            staging.record(streams[run.device])
         finally:
             ring.put(staging)
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, min(threads, RING_SLOTS))) as pool:
-            for future in [pool.submit(job, *chunk) for chunk in jobs]:
+            for future in [pool.submit(job, *item) for item in jobs]:
                 future.result()
-        if uses_cuda:
-            for device in {d for d in arenas if d.type == "cuda"}:
-                torch.cuda.synchronize(device)
+        for device in {d for d in arenas if d.type == "cuda"}:
+            torch.cuda.synchronize(device)
     finally:
         for fd in fds.values():
             os.close(fd)

@@ -34,6 +34,35 @@ def test_reads_every_dtype_across_chunk_boundaries(tmp_path, chunk_bytes):
         assert torch.equal(got[key], tensor), key
 
 
+def write_in_order(path, tensors: dict) -> None:
+    """A safetensors file with the tensors in the given order, packed with no regard for alignment (as
+    loadspec's own shards are: a 4-bit weight's quant-state blob has any length)."""
+    header, blobs, offset = {}, [], 0
+    for key, tensor in tensors.items():
+        blob = tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        dtype = {torch.uint8: "U8", torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}[tensor.dtype]
+        header[key] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=pytest.mark.gpu)])
+def test_tensors_at_odd_file_offsets_come_back_aligned(tmp_path, device):
+    g = torch.Generator().manual_seed(2)
+    data = {"blob": torch.randint(0, 256, (3,), generator=g, dtype=torch.uint8), "f32": torch.randn(7, 5, generator=g),
+            "odd": torch.randint(0, 256, (5,), generator=g, dtype=torch.uint8), "bf16": torch.randn(9, generator=g).bfloat16(),
+            "i64": torch.arange(4) - 2}
+    write_in_order(tmp_path / "odd.safetensors", data)
+    got = read_tensors([tmp_path / "odd.safetensors"], lambda key: device, chunk_bytes=16, threads=3)
+    for key, tensor in data.items():
+        assert got[key].device.type == torch.device(device).type and got[key].dtype == tensor.dtype
+        assert got[key].data_ptr() % tensor.element_size() == 0
+        assert torch.equal(got[key].cpu(), tensor), key
+
+
 def test_header_offsets_outside_file_refused(tmp_path):
     path = tmp_path / "bad.safetensors"
     save_file({"x": torch.ones(10)}, path)
