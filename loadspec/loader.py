@@ -115,7 +115,7 @@ def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = Non
     device_map = device_map or plan.device_map
     # Reading the weights needs neither transformers nor bitsandbytes: it runs while they are
     # imported and the skeleton is built (seconds in a fresh process), and the tokenizer parses.
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=2) as pool, _prompt_thread_switches():
         stored = pool.submit(_read, folder, plan, device_map)
         # transformers' lazy module is not safe to import from two threads at once in a fresh process (an
         # intermittent "cannot import name AutoModelForCausalLM"): the model classes and AutoTokenizer are
@@ -140,6 +140,24 @@ def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = Non
         dispatch_model(model, device_map=device_map)
     model.eval()
     return model, tokenizer
+
+
+SWITCH_INTERVAL = 1e-4  # seconds a thread waits for Python's lock before asking its holder to let go
+
+
+@contextlib.contextmanager
+def _prompt_thread_switches():
+    """While the main thread builds the model in Python, the reading threads need Python's lock for a moment
+    after each chunk's read and copy; with the default 5 ms switch interval each such moment can stall a
+    reader that long. Shortened for the load, then restored."""
+    import sys
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, SWITCH_INTERVAL))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
 
 
 @contextlib.contextmanager
@@ -315,14 +333,19 @@ def _quantized_owner(key: str, quantized: set[str]) -> str | None:
 
 def _run_on_cpu(model: nn.Module, device_map: dict) -> None:
     """Blocks mapped to "cpu" next to one GPU (offload_embedding) compute on the CPU: their inputs move
-    there and their outputs move to the GPU. No accelerate hooks: those would stream the weights to the GPU."""
+    there and their outputs move to the GPU. No accelerate hooks: those would stream the weights to the GPU.
+    Each such block is moved last among its siblings, so the model's first parameter, hence `model.device`
+    (where callers put their inputs), is the GPU's."""
     gpus = sorted({d for d in device_map.values() if d != "cpu"})
     if len(gpus) != 1:
         raise LoadspecError(f"a device map with CPU blocks needs exactly one GPU beside them, got {gpus}.")
     gpu = torch.device(gpus[0])
     for block, device in device_map.items():
         if device == "cpu" and block:
-            module = model.get_submodule(block)
+            parent_name, _, child = block.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            module = parent._modules.pop(child)
+            parent._modules[child] = module
             module.register_forward_pre_hook(lambda _m, args: tuple(a.to("cpu") if torch.is_tensor(a) else a for a in args))
             module.register_forward_hook(lambda _m, _args, out: out.to(gpu, non_blocking=True))
 

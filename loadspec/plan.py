@@ -123,12 +123,12 @@ def resolve(spec: Spec, hardware: Hardware, source: Source, skeleton: arch.Skele
     added, resized = plan_vocab(spec, source, skeleton, reasons)  # added tokens and embedding rows change the artifact
     tokenizer, overrides = {**tokenizer, **added}, {**overrides, **resized}
     sizes = _parameter_bytes(skeleton, source, dtype, quant, set(quantized))
-    offload = _offloaded_embedding(spec, hardware, skeleton, reasons)
+    lora, lora_reasons = plan_lora(spec, family, skeleton, source, quantized)  # () when nothing is quantized
+    offload = _offloaded_embedding(spec, hardware, skeleton, quantized, lora, source, resized, reasons)
     device_map, memory = _device_map(spec.load.device_map, hardware, skeleton.parameters, sizes, reasons, offload,
                                      spec.load.max_memory)
     patches, patches_why = choose_patches(family, source.config["model_type"])
     reasons.append(("patches", patches_why))
-    lora, lora_reasons = plan_lora(spec, family, skeleton, source, quantized)  # () when nothing is quantized
     reasons += lora_reasons
     reasons += full_finetuning_reasons(spec, skeleton, source, quantized)
     reasons.append(("train", describe_checkpointing(spec.train.gradient_checkpointing, hardware.kind)))
@@ -436,22 +436,59 @@ def block_of(parameter: str) -> str:
     return ".".join(parts[:-1]) or parameter
 
 
-def _offloaded_embedding(spec: Spec, hardware: Hardware, skeleton: arch.Skeleton, reasons: list) -> tuple[str, ...]:
-    """Blocks `offload_embedding` keeps in CPU memory: the input embedding, unless it is tied to the LM head."""
-    if not spec.load.offload_embedding:
+def _offloaded_embedding(spec: Spec, hardware: Hardware, skeleton: arch.Skeleton, quantized, lora: dict | None, source: Source,
+                         resized: dict, reasons: list) -> tuple[str, ...]:
+    """Blocks kept in CPU memory: the input embedding when `offload_embedding` is true, or "auto" finds it only
+    looked up (frozen, untied, in a quantized model on one GPU), never when it is tied to the LM head."""
+    asked = spec.load.offload_embedding
+    if asked is False:
         return ()
     if hardware.kind == "cpu":
-        reasons.append(("offload embedding", "nothing to do: the target is the CPU, where every weight already lives"))
+        if asked is True:
+            reasons.append(("offload embedding", "nothing to do: the target is the CPU, where every weight already lives"))
         return ()
     embedding = next((n for n in skeleton.parameters if n.endswith(("embed_tokens.weight", "word_embeddings.weight", "wte.weight"))), None)
-    if embedding is None:
+    tied = embedding is not None and any(embedding in pair for pair in skeleton.tied)
+    if asked == "auto":
+        kept = _embedding_stays_on_gpu(spec, hardware, embedding, tied, quantized, lora, source, resized)
+        if kept:
+            reasons.append(("offload embedding", f"no, it stays on the GPU: {kept} (offload_embedding = \"auto\")"))
+            return ()
+    elif embedding is None:
         raise UsageError("load.offload_embedding: this model has no input embedding loadspec recognises (embed_tokens / word_embeddings).")
-    if any(embedding in pair for pair in skeleton.tied):
+    elif tied:
         raise UsageError(f"load.offload_embedding: this model ties its input embedding ({embedding}) to the LM head, so offloading it "
                          "would run the LM head on the CPU for every token. Set offload_embedding = false.")
     block = block_of(embedding)
-    reasons.append(("offload embedding", f"{block} stays in CPU memory (token lookups run there; only the looked-up rows go to the GPU)"))
+    why = " (offload_embedding = \"auto\": it is frozen and only looked up; set false to keep it on the GPU)" if asked == "auto" else ""
+    reasons.append(("offload embedding", f"{block} stays in CPU memory, mapped from the artifact (token lookups run there; "
+                                         f"only the looked-up rows go to the GPU){why}"))
     return (block,)
+
+
+def _embedding_stays_on_gpu(spec: Spec, hardware: Hardware, embedding: str | None, tied: bool, quantized, lora: dict | None,
+                            source: Source, resized: dict) -> str:
+    """Why offload_embedding = "auto" keeps the input embedding on the GPU, or "" to offload it."""
+    if embedding is None:
+        return "no input embedding loadspec recognises"
+    if tied:
+        return "it is tied to the LM head"
+    if not quantized:
+        return "the model is not quantized (auto offloads only beside quantized weights, as in QLoRA)"
+    if spec.load.full_finetuning:
+        return "full fine-tuning trains it"
+    if hardware.count > 1 or isinstance(spec.load.device_map, dict):
+        return "the device map spreads the model or is a table"
+    module = block_of(embedding)
+    saved = list((lora or {}).get("modules_to_save") or [])
+    adapter = getattr(source, "adapter", None)
+    if adapter is not None:
+        saved += list(adapter.config.get("modules_to_save") or [])
+    if any(module == key or module.endswith("." + key) for key in saved):
+        return "the adapter trains it (modules_to_save)"
+    if "vocab_size" in resized:
+        return "the vocabulary grows, and new rows are usually trained"
+    return ""
 
 
 def _device_map(strategy, hardware: Hardware, parameters: tuple[str, ...], sizes: dict[str, int], reasons: list,

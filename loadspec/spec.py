@@ -53,7 +53,7 @@ class LoadSection:
     max_memory: Any = _field(None, kind="max_memory", help="memory each device may hold for weights, e.g. {\"cuda:0\" = \"20GiB\", \"cuda:1\" = \"40GiB\"}; replaces the target's per-GPU budget")
     rope_scaling: Any = _field(None, kind="table", help="an explicit RoPE table written into config.json as given, e.g. {rope_type = \"yarn\", factor = 8.0, original_max_position_embeddings = 32768}; needed beyond 4x")
     full_finetuning: bool = _field(False, kind="bool", help="train the model itself, no [lora]: quant defaults to \"none\" (every weight trains); with quant = \"nf4\"/\"fp4\"/\"int8\" the 16-bit weights train and the quantized ones stay frozen")
-    offload_embedding: bool = _field(False, kind="bool", help="keep the input embedding in CPU memory (GPU targets); saves its GPU memory")
+    offload_embedding: Any = _field("auto", kind="auto_bool", help="keep the input embedding in CPU memory next to one GPU (token lookups run there); saves its GPU memory. \"auto\": when it is frozen and untied in a quantized model on one GPU")
 
 
 @attrs.frozen
@@ -191,6 +191,8 @@ def _check_value(key: str, value: Any, meta: dict) -> tuple[str, str]:
         return f"must be a string, got {_type_name(value)}", f'write {key} = "..."'
     if kind == "bool" and not isinstance(value, bool):
         return f"must be true or false, got {_type_name(value)}", f"write {key} = true or {key} = false (no quotes)"
+    if kind == "auto_bool" and not (isinstance(value, bool) or value == "auto"):
+        return f'must be true, false or "auto", got {value!r}', f'write {key} = "auto", or true / false (no quotes)'
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             return f"must be a whole number, got {_type_name(value)}", f"write {key} = 4096 (no quotes)"

@@ -86,7 +86,8 @@ def _two_placements(checkpoint, write_spec, tmp_path, target):
     """Two names on one artifact: placement is not in the fingerprint, so they share the bytes."""
     import loadspec
 
-    plain = loadspec.build(write_spec(checkpoint("llama"), name="plain", target=target), cache_dir=tmp_path / "c", progress=False)
+    plain = loadspec.build(write_spec(checkpoint("llama"), name="plain", target=target, load={"offload_embedding": False}),
+                           cache_dir=tmp_path / "c", progress=False)
     offloaded = loadspec.build(write_spec(checkpoint("llama"), name="offloaded", target=target, load={"offload_embedding": True}),
                                cache_dir=tmp_path / "c", progress=False)
     assert offloaded.plan.fingerprint == plain.plan.fingerprint and offloaded.cached

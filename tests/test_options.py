@@ -15,7 +15,7 @@ from loadspec.errors import SpecError, UsageError
 from loadspec.hardware import GIB, profile
 from loadspec.plan import resolve
 from loadspec.spec import parse_spec
-from tests.test_plan import LLAMA_8B, TINY_MISTRAL, source_for
+from tests.test_plan import LLAMA_8B, TINY_MISTRAL, TOKENIZER, source_for
 
 README_ROWS = {
     "model_name": "tests/test_pipeline.py::test_build_load_matches_transformers",
@@ -127,6 +127,28 @@ def test_offload_embedding_plans_embedding_on_cpu():
         plan_for("offload_embedding = true", config=tied, target="h100")
 
 
+def test_offload_embedding_auto_offloads_only_a_frozen_untied_embedding_of_a_quantized_model():
+    auto = plan_for("", target="h100")  # the default: nf4 on one GPU, [lora] or not, the embedding is only looked up
+    assert auto.device_map["model.embed_tokens"] == "cpu"
+    assert 'offload_embedding = "auto"' in dict(auto.reasons)["offload embedding"]
+    assert plan_for("offload_embedding = false", target="h100").device_map == {"": "cuda:0"}
+    kept = {
+        "tied to the LM head": plan_for("", config={**TINY_MISTRAL, "tie_word_embeddings": True}, target="h100"),
+        "not quantized": plan_for('quant = "none"', target="h100"),
+        "full fine-tuning trains it": plan_for('full_finetuning = true\nquant = "nf4"', target="h100"),
+        "the adapter trains it": plan_for("", target="h100", extra='[lora]\nmodules_to_save = ["embed_tokens"]\n'),
+        "the vocabulary grows": resolve(parse_spec('name = "t"\n[model]\nsource = "/x"\n[tokenizer]\nresize_vocab = 640\n'), profile("h100"),
+                                        source_for(TINY_MISTRAL, tokenizer={**TOKENIZER, "vocab": {"size_after": 512, "known": {}, "added": []}})),
+        "spreads the model or is a table": plan_for("", target={"capability": "9.0", "memory": "80GiB", "count": 2}),
+    }
+    for why, plan in kept.items():
+        assert "cpu" not in plan.device_map.values(), why
+        assert why in dict(plan.reasons)["offload embedding"] and "stays on the GPU" in dict(plan.reasons)["offload embedding"]
+    assert "offload embedding" not in dict(plan_for("").reasons)  # a CPU target: nothing to say
+    with pytest.raises(SpecError, match='offload_embedding: must be true, false or "auto", got \'yes\''):
+        plan_for('offload_embedding = "yes"')
+
+
 def test_trust_remote_code_recorded_and_fingerprinted():
     plain = plan_for("")
     trusted = resolve(parse_spec('name = "t"\n[model]\nsource = "/models/x"\ntrust_remote_code = true\n'), profile("cpu"),
@@ -149,14 +171,20 @@ def test_int8_forward_on_gpu_matches_transformers(checkpoint, write_spec, tmp_pa
 
 @pytest.mark.gpu
 def test_offload_embedding_runs_on_gpu(checkpoint, write_spec, tmp_path):
-    loadspec.build(write_spec(checkpoint("mistral"), name="off", load={"offload_embedding": True}, target="auto"),
-                   cache_dir=tmp_path, progress=False)
+    folder = checkpoint("mistral")
+    loadspec.build(write_spec(folder, name="off", load={"offload_embedding": True}, target="auto"), cache_dir=tmp_path, progress=False)
+    loadspec.build(write_spec(folder, name="on", load={"offload_embedding": False}, target="auto"), cache_dir=tmp_path, progress=False)
     model, tokenizer = loadspec.load("off", cache_dir=tmp_path)
     assert model.model.embed_tokens.weight.device.type == "cpu"
     assert model.model.layers[0].self_attn.q_proj.weight.device.type == "cuda"
-    ids = tokenizer("a b c", return_tensors="pt").input_ids.cuda()
+    assert model.device.type == "cuda"  # where callers put their inputs: .to(model.device)
+    ids = tokenizer("a b c", return_tensors="pt").to(model.device).input_ids
+    reference, _ = loadspec.load("on", cache_dir=tmp_path)
     with torch.no_grad():
-        assert model(ids).logits.device.type == "cuda"
+        logits = model(ids).logits
+        assert logits.device.type == "cuda" and torch.equal(logits, reference(ids).logits)
+    generated = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated, reference.generate(ids, max_new_tokens=3, do_sample=False))
 
 
 def test_chat_template_by_name_applied_in_artifact(checkpoint, write_spec, tmp_path):

@@ -108,10 +108,13 @@ def test_skip_modules_typo_is_caught_at_plan_time():
 
 
 def test_device_map_uses_quantized_sizes():
-    nf4 = plan_for(config=LLAMA_8B, target="h100")
+    nf4 = plan_for('[load]\noffload_embedding = false\n', config=LLAMA_8B, target="h100")
     bf16 = plan_for('[load]\nquant = "none"\n', config=LLAMA_8B, target="h100")
     assert nf4.device_map == {"": "cuda:0"}
-    assert nf4.memory["cuda:0"] < 0.36 * bf16.memory["cuda:0"]
+    assert nf4.memory["cuda:0"] < 0.36 * bf16.memory["cuda:0"]  # the 16-bit embedding and LM head: 35.5 %
+    offloaded = plan_for(config=LLAMA_8B, target="h100")  # offload_embedding = "auto"
+    assert offloaded.device_map["model.embed_tokens"] == "cpu"
+    assert offloaded.memory["cuda:0"] < 0.30 * bf16.memory["cuda:0"]
     assert 14.5 * GIB < bf16.memory["cuda:0"] < 15.5 * GIB  # 8B params in bf16
 
 
