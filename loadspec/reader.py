@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import json
-import mmap
 import os
 import queue
 import struct
@@ -32,6 +31,7 @@ from .errors import LoadspecError
 ALIGN = 256  # slot alignment in an arena: enough for any dtype and for fast copies
 CHUNK_BYTES = 16 * 1024 * 1024
 RING_SLOTS = 8
+RIDE_ALONG_BYTES = 64 * 1024  # host-bound bytes a GPU run may carry along rather than be split by them
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
@@ -40,7 +40,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 
 @attrs.define(eq=False)
 class Run:
-    """A stretch of one file whose tensors all go to one device, read into its arena in file layout."""
+    """A stretch of one file whose tensors go to one GPU, read into its arena in file layout."""
 
     path: Path
     start: int  # absolute byte range in the file
@@ -113,55 +113,43 @@ def read_tensors(files: list[Path], place: Callable[[str], torch.device], *, thr
                  chunk_bytes: int = CHUNK_BYTES) -> dict[str, torch.Tensor]:
     """Every tensor of `files`, each on the device `place(key)` names.
 
-    Consecutive tensors bound for one device form a run, laid out in its device's arena as in the file (at an
-    offset congruent to the file's modulo ALIGN), so each chunk reaches the device in one copy and the reading
-    threads take Python's lock as rarely as possible: it is what the caller needs meanwhile to build the model.
+    Consecutive tensors bound for one GPU form a run, laid out in its arena as in the file (at an offset
+    congruent to the file's modulo ALIGN), so each chunk reaches the GPU in one copy and the reading threads
+    take Python's lock as rarely as possible: it is what the caller needs meanwhile to build the model. Small
+    host-bound tensors between them (a 4-bit weight's quant-state JSON) ride along rather than split the run.
+    Host-bound tensors are views of the file mapped copy-on-write (torch's own mapping, freed with them):
+    nothing is read until used, and the pages are the page cache's, shared by every process mapping the file.
     A tensor whose file offset does not suit its dtype is copied once more to an aligned buffer."""
     runs: list[Run] = []
-    tensors: list[tuple[str, Run, int, int, torch.dtype, tuple[int, ...]]] = []  # key, run, start, end, dtype, shape
+    tensors: list[tuple[str, Path, Run | None, int, int, torch.dtype, tuple[int, ...]]] = []  # run None: host
     arena_size: dict[torch.device, int] = defaultdict(int)
     for path in files:
         base, header = read_layout(path)
         for key, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
             start, end = (base + offset for offset in entry["data_offsets"])
             device = torch.device(place(key))
-            if not runs or runs[-1].path != path or runs[-1].device != device or runs[-1].end != start:
-                offset = -(-arena_size[device] // ALIGN) * ALIGN + start % ALIGN
-                runs.append(Run(path, start, start, device, offset))
-            run = runs[-1]
-            run.end = end
-            arena_size[device] = run.offset + run.end - run.start
-            tensors.append((key, run, start, end, DTYPES[entry["dtype"]], tuple(entry["shape"])))
-    arenas = {device: torch.empty(size, dtype=torch.uint8, device=device) for device, size in arena_size.items() if device.type != "cpu"}
-    arenas.update(_mapped(runs))
-    jobs = [(run, at, min(chunk_bytes, run.end - at)) for run in runs if run.device.type != "cpu"
-            for at in range(run.start, run.end, chunk_bytes)]
-    if jobs:
+            run = None
+            if device.type != "cpu":
+                if not runs or runs[-1].path != path or runs[-1].device != device or not 0 <= start - runs[-1].end <= RIDE_ALONG_BYTES:
+                    runs.append(Run(path, start, start, device, -(-arena_size[device] // ALIGN) * ALIGN + start % ALIGN))
+                run = runs[-1]
+                run.end = end
+                arena_size[device] = run.offset + run.end - run.start
+            tensors.append((key, path, run, start, end, DTYPES[entry["dtype"]], tuple(entry["shape"])))
+    arenas = {device: torch.empty(size, dtype=torch.uint8, device=device) for device, size in arena_size.items()}
+    if runs:
+        jobs = [(run, at, min(chunk_bytes, run.end - at)) for run in runs for at in range(run.start, run.end, chunk_bytes)]
         _copy_all(jobs, arenas, staging_ring(chunk_bytes, True), threads)
+    mapped = {path: torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
+              for path in {path for _, path, run, *_ in tensors if run is None}}
     result = {}
-    for key, run, start, end, dtype, shape in tensors:
-        at = run.offset + start - run.start
-        raw = arenas[run if run.device.type == "cpu" else run.device][at: at + end - start]
+    for key, path, run, start, end, dtype, shape in tensors:
+        at = start if run is None else run.offset + start - run.start
+        raw = (mapped[path] if run is None else arenas[run.device])[at: at + end - start]
         if at % dtype.itemsize:
             raw = raw.clone()  # a fresh allocation is aligned for any dtype
         result[key] = raw.view(dtype).view(shape)
     return result
-
-
-def _mapped(runs: list[Run]) -> dict[Run, torch.Tensor]:
-    """Each host run as bytes of its file mapped copy-on-write: nothing is read until used, the pages are the page
-    cache's (shared with every process mapping the file), and writes to the tensors never reach the file. A run's
-    offset is then its start in the file."""
-    maps, arenas = {}, {}
-    for run in runs:
-        if run.device.type != "cpu":
-            continue
-        run.offset = run.start
-        if run.path not in maps:
-            with open(run.path, "rb") as handle:
-                maps[run.path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-        arenas[run] = torch.frombuffer(maps[run.path], dtype=torch.uint8)
-    return arenas
 
 
 def _copy_all(jobs: list[tuple[Run, int, int]], arenas: dict, ring: queue.Queue, threads: int) -> None:
