@@ -30,7 +30,7 @@ from .errors import LoadspecError
 
 ALIGN = 256  # slot alignment in an arena: enough for any dtype and for fast copies
 CHUNK_BYTES = 16 * 1024 * 1024
-RING_SLOTS = 8
+RING_SLOTS = 12
 RIDE_ALONG_BYTES = 64 * 1024  # host-bound bytes a GPU run may carry along rather than be split by them
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
@@ -46,7 +46,7 @@ class Run:
     start: int  # absolute byte range in the file
     end: int
     device: torch.device
-    offset: int  # byte offset of `start` in the device's arena: congruent to `start` modulo ALIGN
+    offset: int  # byte offset of `start` in the device's arena, a multiple of ALIGN
 
 
 def read_layout(path: Path) -> tuple[int, dict]:
@@ -109,17 +109,18 @@ def staging_ring(size: int, pinned: bool) -> queue.Queue:
         return _rings[size, pinned]
 
 
-def read_tensors(files: list[Path], place: Callable[[str], torch.device], *, threads: int = 8,
+def read_tensors(files: list[Path], place: Callable[[str], torch.device], *, threads: int = 12,
                  chunk_bytes: int = CHUNK_BYTES) -> dict[str, torch.Tensor]:
     """Every tensor of `files`, each on the device `place(key)` names.
 
-    Consecutive tensors bound for one GPU form a run, laid out in its arena as in the file (at an offset
-    congruent to the file's modulo ALIGN), so each chunk reaches the GPU in one copy and the reading threads
-    take Python's lock as rarely as possible: it is what the caller needs meanwhile to build the model. Small
-    host-bound tensors between them (a 4-bit weight's quant-state JSON) ride along rather than split the run.
+    Consecutive tensors bound for one GPU form a run, laid out in its arena as in the file, so each chunk
+    reaches the GPU in one copy and the reading threads take Python's lock as rarely as possible: it is what
+    the caller needs meanwhile to build the model. A run starts at an ALIGN boundary and ends before a tensor
+    that would not land on one; small host-bound tensors between its tensors (a 4-bit weight's quant-state
+    JSON) ride along rather than end it.
     Host-bound tensors are views of the file mapped copy-on-write (torch's own mapping, freed with them):
     nothing is read until used, and the pages are the page cache's, shared by every process mapping the file.
-    A tensor whose file offset does not suit its dtype is copied once more to an aligned buffer."""
+    A host tensor whose file offset does not suit its dtype is copied once to an aligned buffer."""
     runs: list[Run] = []
     tensors: list[tuple[str, Path, Run | None, int, int, torch.dtype, tuple[int, ...]]] = []  # run None: host
     arena_size: dict[torch.device, int] = defaultdict(int)
@@ -130,8 +131,10 @@ def read_tensors(files: list[Path], place: Callable[[str], torch.device], *, thr
             device = torch.device(place(key))
             run = None
             if device.type != "cpu":
-                if not runs or runs[-1].path != path or runs[-1].device != device or not 0 <= start - runs[-1].end <= RIDE_ALONG_BYTES:
-                    runs.append(Run(path, start, start, device, -(-arena_size[device] // ALIGN) * ALIGN + start % ALIGN))
+                last = runs[-1] if runs else None
+                if (last is None or last.path != path or last.device != device or not 0 <= start - last.end <= RIDE_ALONG_BYTES
+                        or (last.offset + start - last.start) % ALIGN):  # GPU kernels may load 16 bytes at once
+                    runs.append(Run(path, start, start, device, -(-arena_size[device] // ALIGN) * ALIGN))
                 run = runs[-1]
                 run.end = end
                 arena_size[device] = run.offset + run.end - run.start

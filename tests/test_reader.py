@@ -61,7 +61,7 @@ def test_tensors_at_odd_file_offsets_come_back_aligned(tmp_path, device):
     got = read_tensors([tmp_path / "odd.safetensors"], where.__getitem__, chunk_bytes=16, threads=3)
     for key, tensor in data.items():
         assert got[key].device.type == torch.device(where[key]).type and got[key].dtype == tensor.dtype
-        assert got[key].data_ptr() % tensor.element_size() == 0
+        assert got[key].data_ptr() % (tensor.element_size() if where[key] == "cpu" else 256) == 0  # GPU: as kernels expect
         assert torch.equal(got[key].cpu(), tensor), key
 
 
