@@ -132,7 +132,7 @@ def test_gpu_build_and_load_match_transformers(family, checkpoint, write_spec, t
     folder = checkpoint(family)
     spec = write_spec(folder, name=f"gpu-{family}", target="auto")
     built = loadspec.build(spec, cache_dir=tmp_path, progress=False)
-    assert built.plan.device_map == {"": "cuda:0"}
+    assert set(built.plan.device_map.values()) - {"cpu"} == {"cuda:0"}  # llama's untied embedding: host memory ("auto")
     model, tokenizer = loadspec.load(f"gpu-{family}", cache_dir=tmp_path)
     if family == "falcon":
         reference = bnb_reference(folder, built.plan.quantized, device="cuda:0")
