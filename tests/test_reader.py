@@ -105,3 +105,27 @@ def test_iter_file_tensors_reads_named_tensors_in_file_order(tmp_path):
     assert sorted(name for name, _ in got) == ["w.bf16", "w.empty", "w.f32"]
     for name, tensor in got:
         assert torch.equal(tensor, data[name]) and tensor.dtype == data[name].dtype
+
+
+def test_staging_ring_makes_buffers_on_demand_and_reuses_them(monkeypatch):
+    import threading
+
+    from loadspec import reader
+
+    monkeypatch.setattr(reader, "RING_SLOTS", 3)
+    ring = reader.StagingRing(64, pinned=False)
+    first = [ring.get() for _ in range(2)]
+    assert ring._made == 2  # only what was asked for so far
+    for staging in first:
+        ring.put(staging)
+    assert {id(ring.get()), id(ring.get())} == {id(s) for s in first}  # released buffers come back first
+    third = ring.get()
+    assert ring._made == 3 and third not in first
+    waited = []
+    waiter = threading.Thread(target=lambda: waited.append(ring.get()))
+    waiter.start()  # all three are out: the fourth request waits for a release instead of making a buffer
+    waiter.join(0.2)
+    assert waiter.is_alive() and ring._made == 3
+    ring.put(third)
+    waiter.join(5)
+    assert waited == [third]
