@@ -28,7 +28,7 @@ import torch
 
 from .errors import LoadspecError
 
-ALIGN = 256  # slot alignment in an arena: enough for any dtype and for fast copies
+ALIGN = 256  # where each GPU run starts in its arena: enough for any dtype and for the kernels' vector loads
 CHUNK_BYTES = 16 * 1024 * 1024
 RING_SLOTS = 12
 RIDE_ALONG_BYTES = 64 * 1024  # host-bound bytes a GPU run may carry along rather than be split by them
