@@ -79,14 +79,17 @@ def _python(code: str, env: dict | None = None, timeout: int = 600) -> dict:
 
 def time_case(name: str, root: Path, fingerprint: str = "") -> dict:
     """One case in a fresh process: load call time, fresh process to first forward, GPU memory after the
-    load and at peak. `fingerprint`: the artifact whose files the raw safetensors read takes."""
+    load and at peak, then the same load again in that process (`again_s`: nothing left to do the first
+    time only). `fingerprint`: the artifact whose files the raw safetensors read takes."""
     imports, load = CASES[name]
     forward = "" if name == "safetensors_raw" else FORWARD + ";"
     code = (f"import time; t0=time.perf_counter(); import torch; torch.zeros(1, device='cuda'); {imports}; R={str(root)!r}; "
             f"loadspec_fingerprint={fingerprint!r}; t=time.perf_counter(); {load}; torch.cuda.synchronize(); "
             f"load_s=time.perf_counter()-t; model_gib=torch.cuda.memory_allocated()/2**30; {forward}"
-            "import json; print('RESULT', json.dumps(dict(load_s=load_s, first_forward_s=time.perf_counter()-t0, model_gib=model_gib, "
-            "peak_gib=torch.cuda.max_memory_allocated()/2**30)))")
+            "first_forward_s=time.perf_counter()-t0; peak_gib=torch.cuda.max_memory_allocated()/2**30; "
+            f"del m; import gc; gc.collect(); torch.cuda.empty_cache(); t=time.perf_counter(); {load}; torch.cuda.synchronize(); "
+            "again_s=time.perf_counter()-t; import json; print('RESULT', json.dumps(dict(load_s=load_s, again_s=again_s, "
+            "first_forward_s=first_forward_s, model_gib=model_gib, peak_gib=peak_gib)))")
     return _python(code)
 
 
@@ -174,13 +177,15 @@ def report(result: dict) -> str:
         return min(values) if values else float("nan")
 
     lines = [f"shape {result['shape']} on {result['gpu']} (torch {result['torch']}); bf16 {result['bf16_gib']:.2f} GiB, nf4 {result['nf4_gib']:.2f} GiB",
-             f"{'case':32} {'load call s':>11} {'fresh→forward s':>16} {'model GiB':>9} {'of bf16':>8} {'peak GiB':>9} {'vs transformers':>16}"]
+             f"{'case':32} {'load call s':>11} {'again s':>8} {'fresh→forward s':>16} {'model GiB':>9} {'of bf16':>8} {'peak GiB':>9} "
+             f"{'vs transformers':>16} {'again vs':>9}"]
     base = best("transformers_prequantized", "load_s") if "transformers_prequantized" in CASES else float("nan")
+    base_again = best("transformers_prequantized", "again_s") if "transformers_prequantized" in CASES else float("nan")
     for name in CASES:
-        load_s = best(name, "load_s")
+        load_s, again_s = best(name, "load_s"), best(name, "again_s")
         model_gib = best(name, "model_gib")
-        lines.append(f"{name:32} {load_s:11.3f} {best(name, 'first_forward_s'):16.2f} {model_gib:9.2f} {model_gib / result['bf16_gib']:8.1%} "
-                     f"{best(name, 'peak_gib'):9.2f} {base / load_s:15.1f}x")
+        lines.append(f"{name:32} {load_s:11.3f} {again_s:8.3f} {best(name, 'first_forward_s'):16.2f} {model_gib:9.2f} "
+                     f"{model_gib / result['bf16_gib']:8.1%} {best(name, 'peak_gib'):9.2f} {base / load_s:15.1f}x {base_again / again_s:8.1f}x")
     build = result["loadspec_build"]
     hf_q = best("transformers_quantize_on_load", "load_s") if "transformers_quantize_on_load" in CASES else float("nan")
     lines.append(f"loadspec build (quantize + write), best of {len(result.get('loadspec_builds_s', [1]))}: {build.get('build_s', float('nan')):.2f} s = "
