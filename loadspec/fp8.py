@@ -143,12 +143,3 @@ def scaled_mm_works(device: torch.device) -> bool:
     except (RuntimeError, NotImplementedError):
         return False
     return bool((out == 16).all())
-
-
-def swap_linears(model: nn.Module, names, scaling: str, dtype: torch.dtype) -> None:
-    """Replace the named nn.Linear modules of a (meta) skeleton with Fp8Linear ones."""
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
-        setattr(parent, child, Fp8Linear(old.in_features, old.out_features, old.bias is not None, scaling=scaling, dtype=dtype))

@@ -195,14 +195,23 @@ def _skeleton(folder: Path, plan: LoadPlan) -> nn.Module:
     with arch.skip_weight_init(), _parameters_on_meta():  # the quantized layers too: no init, nothing allocated
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         if plan.quant["method"] == "fp8":
-            from .fp8 import swap_linears
+            from .fp8 import Fp8Linear
 
-            swap_linears(model, plan.quantized, plan.quant["scaling"], dtype)
+            _replace_linears(model, plan.quantized, lambda old: Fp8Linear(old.in_features, old.out_features, old.bias is not None,
+                                                                          scaling=plan.quant["scaling"], dtype=dtype))
         elif plan.quantized:
             _swap_bitsandbytes_linears(model, plan, quant_config)
     if (folder / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     return model
+
+
+def _replace_linears(model: nn.Module, names, make) -> None:
+    """Put `make(old)` in place of each named Linear module of the skeleton."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, make(getattr(parent, child)))
 
 
 def _swap_bitsandbytes_linears(model: nn.Module, plan: LoadPlan, quant_config: dict | None) -> None:
@@ -212,17 +221,15 @@ def _swap_bitsandbytes_linears(model: nn.Module, plan: LoadPlan, quant_config: d
 
     int8 = plan.quant["method"] == "int8"
     compute = getattr(torch, plan.quant.get("compute_dtype", plan.dtype))  # a pre-quantized source's own
-    for name in plan.quantized:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
+
+    def make(old: nn.Linear) -> nn.Module:
         if int8:
-            setattr(parent, child, bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=old.bias is not None,
-                                                       has_fp16_weights=False, threshold=plan.quant["threshold"], device="meta"))
-            continue
-        setattr(parent, child, bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
-                                                 compute_dtype=compute, compress_statistics=plan.quant["double_quant"],
-                                                 quant_type=plan.quant["method"], quant_storage=torch.uint8, device="meta"))
+            return bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=old.bias is not None,
+                                       has_fp16_weights=False, threshold=plan.quant["threshold"], device="meta")
+        return bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None, compute_dtype=compute,
+                                 compress_statistics=plan.quant["double_quant"], quant_type=plan.quant["method"],
+                                 quant_storage=torch.uint8, device="meta")
+    _replace_linears(model, plan.quantized, make)
     model.config.quantization_config = BitsAndBytesConfig.from_dict(quant_config)
     model.is_loaded_in_4bit, model.is_loaded_in_8bit = not int8, int8
     model.quantization_method = "bitsandbytes"

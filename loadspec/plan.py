@@ -20,7 +20,7 @@ from .checkpointing import describe as describe_checkpointing
 from .errors import UsageError, did_you_mean
 from .finetune import full_finetuning_reasons
 from .hardware import GIB, Hardware, parse_memory
-from .lora import plan_lora
+from .lora import plan_lora, targets
 from .patches import choose as choose_patches
 from .source import Source
 from .spec import Spec
@@ -484,7 +484,7 @@ def _embedding_stays_on_gpu(spec: Spec, hardware: Hardware, embedding: str | Non
     adapter = getattr(source, "adapter", None)
     if adapter is not None:
         saved += list(adapter.config.get("modules_to_save") or [])
-    if any(module == key or module.endswith("." + key) for key in saved):
+    if any(targets(module, key) for key in saved):
         return "the adapter trains it (modules_to_save)"
     if "vocab_size" in resized:
         return "the vocabulary grows, and new rows are usually trained"
