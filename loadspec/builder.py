@@ -28,8 +28,6 @@ from .source import Source
 from .store import sha256_file
 from .vocab import add_tokens, open_tokenizer, resize_rows
 
-QUANT_SUFFIXES = ("", ".absmax", ".quant_map")
-NESTED_SUFFIXES = (".nested_absmax", ".nested_quant_map")
 READ_THREADS = min(8, os.cpu_count() or 1)
 READ_AHEAD_BYTES = {"cpu": 32 * 1024**2, "cuda": 2 * 1024**3}  # source bytes read ahead of the tensor in use
 
@@ -100,19 +98,8 @@ def quantization_config(plan: LoadPlan) -> dict:
 def stored_names(plan: LoadPlan, parameter: str) -> list[str]:
     """The safetensors keys one parameter is stored under."""
     if parameter.endswith(".weight") and parameter[: -len(".weight")] in plan.quantized:
-        return quantized_names(parameter, plan.quant)
+        return prequantized.quantized_names(parameter, plan.quant)
     return [parameter]
-
-
-def quantized_names(weight: str, quant: dict) -> list[str]:
-    """The keys of one quantized weight ('x.weight'), in the layout transformers saves for its method."""
-    module = weight[: -len(".weight")]
-    if quant["method"] == "int8":
-        return [weight, f"{module}.SCB", f"{module}.weight_format"]  # bitsandbytes' Linear8bitLt state dict
-    if quant["method"] == "fp8":
-        return [weight, f"{module}.{fp8.scale_name(quant['scaling'])}"]
-    suffixes = QUANT_SUFFIXES + (NESTED_SUFFIXES if quant["double_quant"] else ())
-    return [weight + s for s in suffixes] + [f"{weight}.quant_state.bitsandbytes__{quant['method']}"]
 
 
 def _write_weights(plan: LoadPlan, source: Source, skeleton: arch.Skeleton, folder: Path, progress: bool) -> dict[str, str]:

@@ -11,19 +11,30 @@ import math
 
 import torch
 
-from . import arch
+from . import arch, fp8
 from .errors import UsageError
 from .quant import BLOCKSIZES
 from .source import Source
 from .spec import Spec
 
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+QUANT_SUFFIXES = ("", ".absmax", ".quant_map")
+NESTED_SUFFIXES = (".nested_absmax", ".nested_quant_map")
+
+
+def quantized_names(weight: str, quant: dict) -> list[str]:
+    """The keys of one quantized weight ('x.weight'), in the layout transformers saves for its method."""
+    module = weight[: -len(".weight")]
+    if quant["method"] == "int8":
+        return [weight, f"{module}.SCB", f"{module}.weight_format"]  # bitsandbytes' Linear8bitLt state dict
+    if quant["method"] == "fp8":
+        return [weight, f"{module}.{fp8.scale_name(quant['scaling'])}"]
+    suffixes = QUANT_SUFFIXES + (NESTED_SUFFIXES if quant["double_quant"] else ())
+    return [weight + s for s in suffixes] + [f"{weight}.quant_state.bitsandbytes__{quant['method']}"]
 
 
 def plan_quant(spec: Spec, skeleton: arch.Skeleton, source: Source, reasons: list) -> tuple[dict, tuple[str, ...]]:
     """The source's own quantization and quantized Linear layers; raises UsageError on a conflicting spec."""
-    from .builder import quantized_names
-
     quant = _settings(source)
     method = quant["method"]
     marker = "{}.SCB" if method == "int8" else "{}.weight.quant_state.bitsandbytes__" + method
@@ -109,8 +120,6 @@ def _check_spec(spec: Spec, quant: dict, quantized: tuple[str, ...], location: s
 
 def copied_names(plan) -> set[str]:
     """The stored keys a build copies unchanged from a pre-quantized source (none for other sources)."""
-    from .builder import quantized_names
-
     if not plan.quant.get("prequantized"):
         return set()
     return {n for name in plan.quantized for n in quantized_names(f"{name}.weight", plan.quant)}
@@ -118,7 +127,5 @@ def copied_names(plan) -> set[str]:
 
 def stored_bytes(source: Source, weight: str, quant: dict) -> int:
     """Bytes the source stores for one quantized weight (packed values and their statistics)."""
-    from .builder import quantized_names
-
     return sum(math.prod(info.shape) * getattr(torch, info.dtype).itemsize
                for info in (source.tensors[n] for n in quantized_names(weight, quant)))
