@@ -26,8 +26,12 @@ compare against transformers, are accepted; anything else gets a `GGUFError` say
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import mmap
+import shutil
 import struct
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -450,6 +454,22 @@ def iter_tensors(path: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Te
 
 
 # ----------------------------------------------------------------------------- tokenizer
+
+
+def tokenizer_folder(path: Path) -> Path:
+    """A folder with the file's tokenizer converted by `save_tokenizer`, for AutoTokenizer: converted once per
+    process and version of the file (planning, vocabulary checks and the build all read it; each conversion
+    took 1.4 s for SmolLM2 on the 2-core machine). Removed when the process exits; callers only read it."""
+    stat = path.stat()
+    return _converted_tokenizer(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _converted_tokenizer(path: str, size: int, mtime_ns: int) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="loadspec-gguf-tok-"))
+    atexit.register(shutil.rmtree, folder, True)
+    save_tokenizer(Path(path), folder)
+    return folder
 
 
 def save_tokenizer(path: Path, out_dir: Path) -> None:

@@ -10,7 +10,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import attrs
@@ -178,9 +177,7 @@ def _from_gguf(location: str, path: Path) -> Source:
     config = gguf.read_config(path)
     tensors = {name: TensorInfo(tuple(shape), str(dtype).removeprefix("torch.")) for name, (shape, dtype) in gguf.tensor_specs(path).items()}
     digest.update(json.dumps(config, sort_keys=True).encode())
-    with tempfile.TemporaryDirectory(prefix="loadspec-gguf-tok-") as tmp:
-        gguf.save_tokenizer(path, Path(tmp))
-        tokenizer = _tokenizer_facts(Path(tmp))
+    tokenizer = _tokenizer_facts(gguf.tokenizer_folder(path))
     return Source("gguf", location, path, "", digest.hexdigest(), config, tensors, tokenizer)
 
 

@@ -12,8 +12,6 @@ Used at three times:
 """
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -94,14 +92,12 @@ def open_tokenizer(source: "Source", **kwargs):
     """The source's tokenizer through AutoTokenizer (a GGUF file's is converted first)."""
     from transformers import AutoTokenizer
 
-    with tempfile.TemporaryDirectory(prefix="loadspec-tok-") as tmp:
-        folder = source.path
-        if source.kind == "gguf":
-            from . import gguf
+    folder = source.path
+    if source.kind == "gguf":
+        from . import gguf
 
-            gguf.save_tokenizer(source.path, Path(tmp))
-            folder = Path(tmp)
-        return AutoTokenizer.from_pretrained(folder, **kwargs)
+        folder = gguf.tokenizer_folder(source.path)
+    return AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
 def with_vocabulary(spec: "Spec", source: "Source") -> "Source":

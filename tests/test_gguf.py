@@ -6,6 +6,7 @@ written here, whose weights are known exactly.
 """
 import importlib.util
 import json
+import os
 import time
 from pathlib import Path
 
@@ -326,3 +327,16 @@ def test_tiny_quantized_files_match_transformers(tmp_path, arch):
     assert {name: shape for name, (shape, _) in specs.items()} == {name: tuple(t.shape) for name, t in got.items()}
     config = gguf.read_config(path)
     assert config["model_type"] == arch and config["architectures"][0].lower().startswith(arch)
+
+
+def test_tokenizer_converted_once_per_file_version(smollm2, tmp_path, monkeypatch):
+    calls = []
+    real = gguf.save_tokenizer
+    monkeypatch.setattr(gguf, "save_tokenizer", lambda path, out: calls.append(path) or real(path, out))
+    copy = tmp_path / "model.gguf"
+    copy.write_bytes(smollm2.read_bytes())
+    first = gguf.tokenizer_folder(copy)
+    assert gguf.tokenizer_folder(copy) == first and len(calls) == 1  # planning and the build share one conversion
+    assert (first / "tokenizer.json").is_file()
+    os.utime(copy, ns=(copy.stat().st_atime_ns, copy.stat().st_mtime_ns + 10**9))  # the file changed: converted again
+    assert gguf.tokenizer_folder(copy) != first and len(calls) == 2
