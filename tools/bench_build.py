@@ -77,10 +77,7 @@ def sequential_build(plan, source, folder: Path, max_shard_bytes: int = MAX_SHAR
     if source.kind == "gguf" or any(source.tensors[n].file.endswith(".bin") for n in wanted):
         tensors = builder._stream(source, wanted)
     else:
-        by_file: dict[str, list[str]] = {}
-        for name in sorted(wanted):
-            by_file.setdefault(source.tensors[name].file, []).append(name)
-        tensors = (item for file, names in sorted(by_file.items()) for item in iter_file_tensors(source.path / file, names))
+        tensors = (item for file, names in builder._by_file(source, wanted) for item in iter_file_tensors(source.path / file, names))
     for name, tensor in tensors:
         tensor = resize_rows(plan.tokenizer, name, tensor)
         if name in copied:
