@@ -29,7 +29,7 @@ import torch
 from .errors import LoadspecError
 
 ALIGN = 256  # where each GPU run starts in its arena: enough for any dtype and for the kernels' vector loads
-CHUNK_BYTES = 16 * 1024 * 1024
+CHUNK_BYTES = 8 * 1024 * 1024  # 8 and 16 MiB read alike on the H100 machine; 8 halves the pinning
 RING_SLOTS = 12
 RIDE_ALONG_BYTES = 64 * 1024  # host-bound bytes a GPU run may carry along rather than be split by them
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
@@ -95,9 +95,9 @@ class _Staging:
 
 
 class StagingRing:
-    """Up to RING_SLOTS reusable host buffers of one size. Each is made the first time a thread finds none free,
-    so a fresh process starts reading after pinning one buffer, not all of them (12 x 16 MiB took 0.1 s on the
-    H100 machine); later reads reuse them."""
+    """Up to RING_SLOTS reusable host buffers of one size, made when first needed (`prepare`, or a thread finding
+    none free) and reused by every later read of the process: pinning is slow (12 x 16 MiB took 0.1 s on the H100
+    machine)."""
 
     def __init__(self, size: int, pinned: bool):
         self.size, self.pinned = size, pinned
@@ -119,6 +119,11 @@ class StagingRing:
     def put(self, staging: _Staging) -> None:
         self._free.put(staging)
 
+    def prepare(self, count: int) -> None:
+        """Make sure `count` buffers exist (pinning them now rather than when the first reads need them)."""
+        for staging in [self.get() for _ in range(min(count, RING_SLOTS))]:
+            self.put(staging)
+
 
 _rings: dict[tuple[int, bool], StagingRing] = {}
 _rings_lock = threading.Lock()
@@ -133,8 +138,10 @@ def staging_ring(size: int, pinned: bool) -> StagingRing:
 
 
 def read_tensors(files: list[Path], place: Callable[[str], torch.device], *, threads: int = 12,
-                 chunk_bytes: int = CHUNK_BYTES) -> dict[str, torch.Tensor]:
-    """Every tensor of `files`, each on the device `place(key)` names.
+                 chunk_bytes: int = CHUNK_BYTES, go: threading.Event | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of `files`, each on the device `place(key)` names. With `go`, everything that needs little
+    of Python's lock (headers, the arenas, pinning the staging buffers, CUDA's start in a fresh process) is done
+    first, then the reading waits until `go` is set: a caller busy in Python meanwhile is not slowed down.
 
     Consecutive tensors bound for one GPU form a run, laid out in its arena as in the file, so each chunk
     reaches the GPU in one copy and the reading threads take Python's lock as rarely as possible: it is what
@@ -144,8 +151,33 @@ def read_tensors(files: list[Path], place: Callable[[str], torch.device], *, thr
     Host-bound tensors are views of the file mapped copy-on-write (torch's own mapping, freed with them):
     nothing is read until used, and the pages are the page cache's, shared by every process mapping the file.
     A host tensor whose file offset does not suit its dtype is copied once to an aligned buffer."""
+    runs, tensors, arena_size = _plan_runs(files, place)
+    arenas = {device: torch.empty(size, dtype=torch.uint8, device=device) for device, size in arena_size.items()}
+    ring = staging_ring(chunk_bytes, True) if runs else None
+    if ring is not None:
+        ring.prepare(threads)
+    if go is not None:
+        go.wait()
+    if runs:
+        jobs = [(run, at, min(chunk_bytes, run.end - at)) for run in runs for at in range(run.start, run.end, chunk_bytes)]
+        _copy_all(jobs, arenas, ring, threads)
+    mapped = {path: torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
+              for path in {path for _, path, run, *_ in tensors if run is None}}
+    result = {}
+    for key, path, run, start, end, dtype, shape in tensors:
+        at = start if run is None else run.offset + start - run.start
+        raw = (mapped[path] if run is None else arenas[run.device])[at: at + end - start]
+        if at % dtype.itemsize:
+            raw = raw.clone()  # a fresh allocation is aligned for any dtype
+        result[key] = raw.view(dtype).view(shape)
+    return result
+
+
+def _plan_runs(files: list[Path], place: Callable[[str], torch.device]):
+    """(the GPU runs, each tensor as (key, path, its run or None for the host, file range, dtype, shape), each
+    GPU arena's size) for `read_tensors`."""
     runs: list[Run] = []
-    tensors: list[tuple[str, Path, Run | None, int, int, torch.dtype, tuple[int, ...]]] = []  # run None: host
+    tensors: list[tuple[str, Path, Run | None, int, int, torch.dtype, tuple[int, ...]]] = []
     arena_size: dict[torch.device, int] = defaultdict(int)
     for path in files:
         base, header = read_layout(path)
@@ -162,51 +194,39 @@ def read_tensors(files: list[Path], place: Callable[[str], torch.device], *, thr
                 run.end = end
                 arena_size[device] = run.offset + run.end - run.start
             tensors.append((key, path, run, start, end, DTYPES[entry["dtype"]], tuple(entry["shape"])))
-    arenas = {device: torch.empty(size, dtype=torch.uint8, device=device) for device, size in arena_size.items()}
-    if runs:
-        jobs = [(run, at, min(chunk_bytes, run.end - at)) for run in runs for at in range(run.start, run.end, chunk_bytes)]
-        _copy_all(jobs, arenas, staging_ring(chunk_bytes, True), threads)
-    mapped = {path: torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
-              for path in {path for _, path, run, *_ in tensors if run is None}}
-    result = {}
-    for key, path, run, start, end, dtype, shape in tensors:
-        at = start if run is None else run.offset + start - run.start
-        raw = (mapped[path] if run is None else arenas[run.device])[at: at + end - start]
-        if at % dtype.itemsize:
-            raw = raw.clone()  # a fresh allocation is aligned for any dtype
-        result[key] = raw.view(dtype).view(shape)
-    return result
+    return runs, tensors, arena_size
 
 
 def _copy_all(jobs: list[tuple[Run, int, int]], arenas: dict, ring: StagingRing, threads: int) -> None:
-    """Run each (run, file offset, length) job: the bytes go through a pinned staging buffer and one asynchronous
-    copy on the reading thread's own stream to the run's place in its device's arena."""
+    """Run each (run, file offset, length) job: the bytes go through a pinned staging buffer and one copy on the
+    reading thread's own stream to the run's place in its device's arena.
+    Each thread keeps one staging buffer and one stream and takes jobs from a shared iterator until none are
+    left: per chunk it lets go of Python's lock three times (read, copy, wait for the copy), which is when the
+    thread building the model must hand it over. The destinations are sliced here, before the threads start."""
     fds = {path: os.open(path, os.O_RDONLY) for path in {run.path for run, _, _ in jobs}}
-    local = threading.local()
+    targets = [arenas[run.device][run.offset + at - run.start: run.offset + at - run.start + length] for run, at, length in jobs]
+    pending = iter(range(len(jobs)))  # next() on it is atomic under Python's lock: each job goes to one thread
 
-    def job(run: Run, at: int, length: int) -> None:
-        target = arenas[run.device][run.offset + at - run.start: run.offset + at - run.start + length]
-        streams = getattr(local, "streams", None)
-        if streams is None:
-            streams = local.streams = {}
-        if run.device not in streams:  # this thread's copies go on its own stream, made current once
-            streams[run.device] = torch.cuda.Stream(device=run.device)
-            torch.cuda.set_stream(streams[run.device])
+    def work() -> None:
         staging = ring.get()
+        streams: dict = {}
         try:
-            staging.wait_until_free()
-            pread_exactly(fds[run.path], staging.array[:length], at, run.path)
-            target.copy_(staging.tensor[:length], non_blocking=True)
-            staging.record(streams[run.device])
+            for index in pending:
+                run, at, length = jobs[index]
+                if run.device not in streams:
+                    streams[run.device] = torch.cuda.Stream(device=run.device)
+                    torch.cuda.set_stream(streams[run.device])
+                pread_exactly(fds[run.path], staging.array[:length], at, run.path)
+                targets[index].copy_(staging.tensor[:length], non_blocking=True)
+                streams[run.device].synchronize()  # the buffer is free again, and the bytes are in place
         finally:
             ring.put(staging)
 
+    workers = max(1, min(threads, RING_SLOTS, len(jobs)))
     try:
-        with ThreadPoolExecutor(max_workers=max(1, min(threads, RING_SLOTS))) as pool:
-            for future in [pool.submit(job, *item) for item in jobs]:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for future in [pool.submit(work) for _ in range(workers)]:
                 future.result()
-        for device in {d for d in arenas if d.type == "cuda"}:
-            torch.cuda.synchronize(device)
     finally:
         for fd in fds.values():
             os.close(fd)

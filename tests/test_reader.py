@@ -129,3 +129,29 @@ def test_staging_ring_makes_buffers_on_demand_and_reuses_them(monkeypatch):
     ring.put(third)
     waiter.join(5)
     assert waited == [third]
+
+
+def test_staging_ring_prepare_makes_buffers_ahead_without_keeping_them(monkeypatch):
+    from loadspec import reader
+
+    monkeypatch.setattr(reader, "RING_SLOTS", 4)
+    ring = reader.StagingRing(64, pinned=False)
+    ring.prepare(6)  # capped at RING_SLOTS
+    assert ring._made == 4
+    made = [ring.get() for _ in range(4)]  # all free again, none made anew
+    assert ring._made == 4 and len({id(s) for s in made}) == 4
+
+
+def test_reading_waits_for_go(tmp_path):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    save_file(sample(), tmp_path / "a.safetensors")
+    go = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(read_tensors, [tmp_path / "a.safetensors"], lambda key: "cpu", go=go)
+        with pytest.raises(TimeoutError):
+            pending.result(timeout=0.3)  # ready, but not reading before it is told to
+        go.set()
+        got = pending.result(timeout=30)
+    assert torch.equal(got["w.f32"], sample()["w.f32"])
