@@ -4,7 +4,8 @@ Makes a random-weight Llama-shaped checkpoint, builds it with loadspec, and time
 processes (so no in-process cache helps anyone): transformers loading the same weights
 pre-quantized, transformers quantize-on-load from bf16, `loadspec.load`, and a raw
 safetensors read of the artifact's bytes. Reports the load call (imports and CUDA
-initialised first), fresh process to first forward, peak GPU memory, and ratios.
+initialised first), a fresh process running only what a user's script would, from its start to
+the end of the first forward, peak GPU memory, and ratios.
 """
 from __future__ import annotations
 
@@ -28,21 +29,27 @@ SHAPES = {
 NF4 = ("BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True, "
        "bnb_4bit_compute_dtype=torch.bfloat16)")
 FORWARD = "ids=torch.arange(1,33,device='cuda')[None]; m(ids); torch.cuda.synchronize()"
-# Each case's imports run before its load call is timed: torch, transformers' model code and bitsandbytes are
-# imported (loadspec the way its load does it), so the load call times loading; fresh → forward times everything.
-LIBRARIES = "import transformers.modeling_utils, transformers.models.llama.modeling_llama"
-LOADSPEC_LIBRARIES = ("import loadspec, loadspec.loader; from loadspec.deferred_imports import import_model_libraries; "
-                      f"import_model_libraries(bitsandbytes=True); {LIBRARIES}")
+# name -> (what a user's script imports, the load). The fresh-process figure runs just that, then a forward.
 CASES = {
-    "transformers_prequantized": (f"{LIBRARIES}, bitsandbytes; from transformers import AutoModelForCausalLM",
+    "transformers_prequantized": ("from transformers import AutoModelForCausalLM",
                                   "m=AutoModelForCausalLM.from_pretrained(R+'/nf4', device_map='cuda')"),
-    "transformers_quantize_on_load": (f"{LIBRARIES}, bitsandbytes; from transformers import AutoModelForCausalLM, BitsAndBytesConfig",
+    "transformers_quantize_on_load": ("from transformers import AutoModelForCausalLM, BitsAndBytesConfig",
                                       f"m=AutoModelForCausalLM.from_pretrained(R+'/bf16', quantization_config={NF4}, dtype=torch.bfloat16, device_map='cuda')"),
-    "loadspec": (LOADSPEC_LIBRARIES, "m, tok = loadspec.load('bench', cache_dir=R+'/cache')"),
-    "loadspec_embedding_on_gpu": (LOADSPEC_LIBRARIES, "m, tok = loadspec.load('bench_gpu_embedding', cache_dir=R+'/cache')"),
+    "loadspec": ("import loadspec", "m, tok = loadspec.load('bench', cache_dir=R+'/cache')"),
+    "loadspec_embedding_on_gpu": ("import loadspec", "m, tok = loadspec.load('bench_gpu_embedding', cache_dir=R+'/cache')"),
     "safetensors_raw": ("import glob; from safetensors.torch import load_file",
                         "m=None; [load_file(f, device='cuda') for f in sorted(glob.glob(R+'/cache/artifacts/'+loadspec_fingerprint+'/*.safetensors'))]"),
 }
+# For the load-call figure, CUDA is initialised and each case's libraries are imported before the clock starts
+# (loadspec's the way its load imports them), so it times loading alone.
+LIBRARIES = "import transformers.modeling_utils, transformers.models.llama.modeling_llama"
+PRE_IMPORTS = {
+    "transformers_prequantized": f"{LIBRARIES}, bitsandbytes",
+    "transformers_quantize_on_load": f"{LIBRARIES}, bitsandbytes",
+    "loadspec": ("import loadspec.loader; from loadspec.deferred_imports import import_model_libraries; "
+                 f"import_model_libraries(bitsandbytes=True); {LIBRARIES}"),
+}
+PRE_IMPORTS["loadspec_embedding_on_gpu"] = PRE_IMPORTS["loadspec"]
 
 
 def make_checkpoint(shape: str, root: Path) -> None:
@@ -78,30 +85,41 @@ def _python(code: str, env: dict | None = None, timeout: int = 600) -> dict:
 
 
 def time_case(name: str, root: Path, fingerprint: str = "") -> dict:
-    """One case in a fresh process: load call time, fresh process to first forward, GPU memory after the
-    load and at peak, then the same load again in that process (`again_s`: nothing left to do the first
-    time only). `fingerprint`: the artifact whose files the raw safetensors read takes."""
+    """One case, in two fresh processes. The first times the load call (CUDA and the libraries ready), GPU memory
+    after it and at the peak of a forward, then the same load again in that process (`again_s`: nothing left to
+    do the first time only). The second runs only what a user's script would, and `first_forward_s` is from
+    starting that process to the end of its first forward. `fingerprint`: the artifact whose files the raw
+    safetensors read takes."""
     imports, load = CASES[name]
     forward = "" if name == "safetensors_raw" else FORWARD + ";"
-    code = (f"import time; t0=time.perf_counter(); import torch; torch.zeros(1, device='cuda'); {imports}; R={str(root)!r}; "
-            f"loadspec_fingerprint={fingerprint!r}; t=time.perf_counter(); {load}; torch.cuda.synchronize(); "
-            f"load_s=time.perf_counter()-t; model_gib=torch.cuda.memory_allocated()/2**30; {forward}"
-            "first_forward_s=time.perf_counter()-t0; peak_gib=torch.cuda.max_memory_allocated()/2**30; "
-            f"del m; import gc; gc.collect(); torch.cuda.empty_cache(); t=time.perf_counter(); {load}; torch.cuda.synchronize(); "
-            "again_s=time.perf_counter()-t; import json; print('RESULT', json.dumps(dict(load_s=load_s, again_s=again_s, "
-            "first_forward_s=first_forward_s, model_gib=model_gib, peak_gib=peak_gib)))")
-    return _python(code)
+    setup = f"R={str(root)!r}; loadspec_fingerprint={fingerprint!r}"
+    timed = _python(f"import time, torch; torch.zeros(1, device='cuda'); {imports}; {PRE_IMPORTS.get(name, 'pass')}; {setup}; "
+                    f"t=time.perf_counter(); {load}; torch.cuda.synchronize(); load_s=time.perf_counter()-t; "
+                    f"model_gib=torch.cuda.memory_allocated()/2**30; {forward} peak_gib=torch.cuda.max_memory_allocated()/2**30; "
+                    f"del m; import gc; gc.collect(); torch.cuda.empty_cache(); t=time.perf_counter(); {load}; "
+                    "torch.cuda.synchronize(); again_s=time.perf_counter()-t; import json; "
+                    "print('RESULT', json.dumps(dict(load_s=load_s, again_s=again_s, model_gib=model_gib, peak_gib=peak_gib)))")
+    started = time.time()
+    fresh = _python(f"import torch; {imports}; {setup}; {load}; {forward or 'torch.cuda.synchronize();'} import json, time; "
+                    "print('RESULT', json.dumps(dict(finished=time.time())))")
+    if "finished" in fresh:
+        timed["first_forward_s"] = fresh["finished"] - started
+    elif "error" in fresh:
+        timed.setdefault("error", fresh["error"])
+    return timed
 
 
 def build_artifact(root: Path, name: str = "bench", extra: str = "", force: bool = True) -> dict:
     """Build with loadspec in a fresh process (`force`: again, even if cached); returns build seconds, peak host
-    RSS and the artifact folder."""
+    RSS (the process's own VmHWM: getrusage's maximum also counts the benchmark's memory, inherited through
+    fork and exec) and the artifact folder."""
     spec = root / f"{name}.toml"
     spec.write_text(f'name = "{name}"\n[model]\nsource = "{root / "bf16"}"\n[load]\nquant = "nf4"\n{extra}')
-    code = ("import time, resource, json, torch, transformers, bitsandbytes, loadspec, loadspec.builder; "
+    code = ("import time, json, torch, transformers, bitsandbytes, loadspec, loadspec.builder; "
             "torch.zeros(1, device='cuda'); from transformers import AutoModelForCausalLM, AutoTokenizer; t=time.perf_counter(); "
             f"b=loadspec.build({str(spec)!r}, cache_dir={str(root / 'cache')!r}, progress=False, force={force}); "
-            "print('RESULT', json.dumps(dict(build_s=time.perf_counter()-t, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/2**20, "
+            "peak=[int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM')][0]; "
+            "print('RESULT', json.dumps(dict(build_s=time.perf_counter()-t, peak_rss_gib=peak/2**20, "
             "artifact=str(b.path))))")
     return _python(code)
 
