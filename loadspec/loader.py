@@ -110,15 +110,14 @@ def _version(text) -> tuple[int, ...]:
 
 def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = None):
     """`(model, tokenizer)` from an artifact folder, placed by `device_map` (default: the plan's)."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     device_map = device_map or plan.device_map
     # While transformers and bitsandbytes are imported and the skeleton is built (seconds in a fresh process),
     # the reading thread gets ready: headers, the GPU arena, pinned buffers, CUDA's start. It reads once the
     # skeleton is built: its threads and the skeleton would each slow the other down, taking turns at Python's
     # lock (an 8B skeleton took 0.03 s alone on the H100 machine, 0.25-0.3 s beside 12 readers).
-    skeleton_built = threading.Event()
+    skeleton_built: Future = Future()  # True: read now; False: the skeleton failed, read nothing
     with ThreadPoolExecutor(max_workers=3) as pool:
         stored = pool.submit(_read, folder, plan, device_map, skeleton_built)
         gpus_ready = pool.submit(_start_gpu_libraries, {torch.device(d) for d in device_map.values()}, getattr(torch, plan.dtype))
@@ -131,8 +130,10 @@ def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = Non
             tokenizer = pool.submit(_tokenizer, folder, plan)
             with phase("skeleton"):
                 model = _skeleton(folder, plan)
-        finally:
-            skeleton_built.set()
+        except BaseException:
+            skeleton_built.set_result(False)
+            raise
+        skeleton_built.set_result(True)
         with phase("weights"):
             weights = stored.result()
         with phase("assign"):
@@ -253,7 +254,7 @@ def _tokenizer(folder: Path, plan: LoadPlan):
 
 
 def _read(folder: Path, plan: LoadPlan, device_map: dict, go=None) -> dict[str, torch.Tensor]:
-    """Every stored tensor, on the device the map gives its parameter (read once `go` is set, if given)."""
+    """Every stored tensor, on the device the map gives its parameter (see `read_tensors` for `go`)."""
     from .reader import read_tensors
 
     quantized = set(plan.quantized)

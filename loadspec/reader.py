@@ -20,7 +20,7 @@ import struct
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import attrs
@@ -138,10 +138,11 @@ def staging_ring(size: int, pinned: bool) -> StagingRing:
 
 
 def read_tensors(files: list[Path], place: Callable[[str], torch.device], *, threads: int = 12,
-                 chunk_bytes: int = CHUNK_BYTES, go: threading.Event | None = None) -> dict[str, torch.Tensor]:
+                 chunk_bytes: int = CHUNK_BYTES, go: Future | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of `files`, each on the device `place(key)` names. With `go`, everything that needs little
     of Python's lock (headers, the arenas, pinning the staging buffers, CUDA's start in a fresh process) is done
-    first, then the reading waits until `go` is set: a caller busy in Python meanwhile is not slowed down.
+    first, then the reading waits for `go`'s result, so a caller busy in Python meanwhile is not slowed down:
+    True reads, False (the caller gave up) returns an empty dict without reading.
 
     Consecutive tensors bound for one GPU form a run, laid out in its arena as in the file, so each chunk
     reaches the GPU in one copy and the reading threads take Python's lock as rarely as possible: it is what
@@ -156,8 +157,8 @@ def read_tensors(files: list[Path], place: Callable[[str], torch.device], *, thr
     ring = staging_ring(chunk_bytes, True) if runs else None
     if ring is not None:
         ring.prepare(threads)
-    if go is not None:
-        go.wait()
+    if go is not None and not go.result():
+        return {}
     if runs:
         jobs = [(run, at, min(chunk_bytes, run.end - at)) for run in runs for at in range(run.start, run.end, chunk_bytes)]
         _copy_all(jobs, arenas, ring, threads)

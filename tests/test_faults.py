@@ -657,3 +657,18 @@ def test_transformers_that_does_not_know_the_model(built):
     rewrite(folder, "config.json", json.dumps(config).encode())
     code, output, crash = run_cli("load", "tiny", "--cache-dir", cache)
     assert_clean_error(code, output, crash, "llama_from_the_future", "Upgrade transformers", exit_code=1)
+
+
+def test_a_skeleton_that_fails_leaves_the_weights_unread(built, monkeypatch):
+    from loadspec import reader
+    from loadspec.loader import IncompatibleArtifact
+
+    spec, cache, store, fingerprint, folder = built
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "llama_from_the_future"
+    rewrite(folder, "config.json", json.dumps(config).encode())
+    real, returned = reader.read_tensors, []
+    monkeypatch.setattr(reader, "read_tensors", lambda *a, **k: returned.append(real(*a, **k)) or returned[-1])
+    with pytest.raises(IncompatibleArtifact, match="llama_from_the_future"):
+        loadspec.load("tiny", cache_dir=cache)
+    assert returned == [{}]  # the reading thread was told to stop before it read anything

@@ -142,16 +142,18 @@ def test_staging_ring_prepare_makes_buffers_ahead_without_keeping_them(monkeypat
     assert ring._made == 4 and len({id(s) for s in made}) == 4
 
 
-def test_reading_waits_for_go(tmp_path):
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
+def test_reading_waits_for_go_and_reads_nothing_when_told_not_to(tmp_path):
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     save_file(sample(), tmp_path / "a.safetensors")
-    go = threading.Event()
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(2) as pool:
+        go, stop = Future(), Future()
         pending = pool.submit(read_tensors, [tmp_path / "a.safetensors"], lambda key: "cpu", go=go)
+        abandoned = pool.submit(read_tensors, [tmp_path / "a.safetensors"], lambda key: "cpu", go=stop)
         with pytest.raises(TimeoutError):
             pending.result(timeout=0.3)  # ready, but not reading before it is told to
-        go.set()
+        go.set_result(True)
+        stop.set_result(False)
         got = pending.result(timeout=30)
+        assert abandoned.result(timeout=30) == {}
     assert torch.equal(got["w.f32"], sample()["w.f32"])
