@@ -72,26 +72,19 @@ def read_layout(path: Path) -> tuple[int, dict]:
 
 
 class _Staging:
-    """One reusable host buffer of the ring, with the events its last copies must finish before reuse."""
+    """One reusable host buffer of the ring, with the events its last copies must finish before reuse (`read_ahead`;
+    `read_tensors`' threads wait for their copies themselves)."""
 
     def __init__(self, size: int, pinned: bool):
         self.tensor = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
         self.array = self.tensor.numpy()
         self.events: list = []
-        self._event = None
 
     def wait_until_free(self) -> None:
         """Block until the copies that last read this buffer are done, so it can be filled again."""
         for event in self.events:
             event.synchronize()
         self.events = []
-
-    def record(self, stream) -> None:
-        """Mark the copies just queued on `stream` as this buffer's last readers (one reused CUDA event)."""
-        if self._event is None:
-            self._event = torch.cuda.Event()
-        self._event.record(stream)
-        self.events = [self._event]
 
 
 class StagingRing:
@@ -145,8 +138,7 @@ def read_tensors(files: list[Path], place: Callable[[str], torch.device], *, thr
     True reads, False (the caller gave up) returns an empty dict without reading.
 
     Consecutive tensors bound for one GPU form a run, laid out in its arena as in the file, so each chunk
-    reaches the GPU in one copy and the reading threads take Python's lock as rarely as possible: it is what
-    the caller needs meanwhile to build the model. A run starts at an ALIGN boundary and ends before a tensor
+    reaches the GPU in one copy. A run starts at an ALIGN boundary and ends before a tensor
     that would not land on one; small host-bound tensors between its tensors (a 4-bit weight's quant-state
     JSON) ride along rather than end it.
     Host-bound tensors are views of the file mapped copy-on-write (torch's own mapping, freed with them):
@@ -202,8 +194,8 @@ def _copy_all(jobs: list[tuple[Run, int, int]], arenas: dict, ring: StagingRing,
     """Run each (run, file offset, length) job: the bytes go through a pinned staging buffer and one copy on the
     reading thread's own stream to the run's place in its device's arena.
     Each thread keeps one staging buffer and one stream and takes jobs from a shared iterator until none are
-    left: per chunk it lets go of Python's lock three times (read, copy, wait for the copy), which is when the
-    thread building the model must hand it over. The destinations are sliced here, before the threads start."""
+    left: per chunk it needs Python's lock only between its read, its copy and its wait for the copy (each of
+    which lets go of it), and the destinations are sliced here, before the threads start."""
     fds = {path: os.open(path, os.O_RDONLY) for path in {run.path for run, _, _ in jobs}}
     targets = [arenas[run.device][run.offset + at - run.start: run.offset + at - run.start + length] for run, at, length in jobs]
     pending = iter(range(len(jobs)))  # next() on it is atomic under Python's lock: each job goes to one thread
