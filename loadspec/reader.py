@@ -155,38 +155,35 @@ def read_tensors(files: list[Path], place: Callable[[str], torch.device], *, thr
         jobs = [(run, at, min(chunk_bytes, run.end - at)) for run in runs for at in range(run.start, run.end, chunk_bytes)]
         _copy_all(jobs, arenas, ring, threads)
     mapped = {path: torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
-              for path in {path for _, path, run, *_ in tensors if run is None}}
+              for path in {item.path for item, run in tensors if run is None}}
     result = {}
-    for key, path, run, start, end, dtype, shape in tensors:
-        at = start if run is None else run.offset + start - run.start
-        raw = (mapped[path] if run is None else arenas[run.device])[at: at + end - start]
-        if at % dtype.itemsize:
+    for item, run in tensors:
+        at = item.start if run is None else run.offset + item.start - run.start
+        raw = (mapped[item.path] if run is None else arenas[run.device])[at: at + item.end - item.start]
+        if at % item.dtype.itemsize:
             raw = raw.clone()  # a fresh allocation is aligned for any dtype
-        result[key] = raw.view(dtype).view(shape)
+        result[item.name] = raw.view(item.dtype).view(item.shape)
     return result
 
 
 def _plan_runs(files: list[Path], place: Callable[[str], torch.device]):
-    """(the GPU runs, each tensor as (key, path, its run or None for the host, file range, dtype, shape), each
-    GPU arena's size) for `read_tensors`."""
+    """(the GPU runs, each tensor with its run (None: bound for the host), each GPU arena's size) for
+    `read_tensors`."""
     runs: list[Run] = []
-    tensors: list[tuple[str, Path, Run | None, int, int, torch.dtype, tuple[int, ...]]] = []
+    tensors: list[tuple[Stored, Run | None]] = []
     arena_size: dict[torch.device, int] = defaultdict(int)
     for path in files:
-        base, header = read_layout(path)
-        for key, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
-            start, end = (base + offset for offset in entry["data_offsets"])
-            device = torch.device(place(key))
+        for item in sorted(stored_tensors(path, None, place), key=lambda item: (item.start, item.end)):
             run = None
-            if device.type != "cpu":
+            if item.device.type != "cpu":
                 last = runs[-1] if runs else None
-                if (last is None or last.path != path or last.device != device or not 0 <= start - last.end <= RIDE_ALONG_BYTES
-                        or (last.offset + start - last.start) % ALIGN):  # GPU kernels may load 16 bytes at once
-                    runs.append(Run(path, start, start, device, -(-arena_size[device] // ALIGN) * ALIGN))
+                if (last is None or last.path != path or last.device != item.device or not 0 <= item.start - last.end <= RIDE_ALONG_BYTES
+                        or (last.offset + item.start - last.start) % ALIGN):  # GPU kernels may load 16 bytes at once
+                    runs.append(Run(path, item.start, item.start, item.device, -(-arena_size[item.device] // ALIGN) * ALIGN))
                 run = runs[-1]
-                run.end = end
-                arena_size[device] = run.offset + run.end - run.start
-            tensors.append((key, path, run, start, end, DTYPES[entry["dtype"]], tuple(entry["shape"])))
+                run.end = item.end
+                arena_size[item.device] = run.offset + run.end - run.start
+            tensors.append((item, run))
     return runs, tensors, arena_size
 
 
@@ -239,10 +236,11 @@ class Stored:
 
 
 def stored_tensors(path: Path, names, place: Callable[[str], torch.device]) -> list[Stored]:
-    """The named tensors of one safetensors file, in file order, each bound for the device `place(name)` says."""
+    """The named tensors of one safetensors file (`names` None: all of them), in file order, each bound for the
+    device `place(name)` says."""
     base, header = read_layout(path)
     stored = []
-    for name in sorted(names, key=lambda n: header[n]["data_offsets"][0]):
+    for name in sorted(header if names is None else names, key=lambda n: header[n]["data_offsets"][0]):
         begin, end = header[name]["data_offsets"]
         stored.append(Stored(name, path, base + begin, base + end, DTYPES[header[name]["dtype"]], tuple(header[name]["shape"]),
                              torch.device(place(name))))
