@@ -88,24 +88,25 @@ class _Staging:
 
 
 class StagingRing:
-    """Up to RING_SLOTS reusable host buffers of one size, made when first needed (`prepare`, or a thread finding
-    none free) and reused by every later read of the process: pinning is slow (12 x 16 MiB took 0.1 s on the H100
-    machine)."""
+    """Up to `slots` (default RING_SLOTS) reusable host buffers of one size, made when first needed (`prepare`, or a
+    thread finding none free) and reused by every later user in the process: pinning is slow (12 x 16 MiB took
+    0.1 s on the H100 machine)."""
 
-    def __init__(self, size: int, pinned: bool):
+    def __init__(self, size: int, pinned: bool, slots: int | None = None):
         self.size, self.pinned = size, pinned
+        self.slots = RING_SLOTS if slots is None else slots
         self._free: queue.Queue = queue.Queue()
         self._made = 0
         self._lock = threading.Lock()
 
     def get(self) -> _Staging:
-        """A free buffer: a released one, a new one while fewer than RING_SLOTS exist, else the next released."""
+        """A free buffer: a released one, a new one while fewer than `slots` exist, else the next released."""
         try:
             return self._free.get_nowait()
         except queue.Empty:
             pass
         with self._lock:
-            make = self._made < RING_SLOTS
+            make = self._made < self.slots
             self._made += make
         return _Staging(self.size, self.pinned) if make else self._free.get()
 
@@ -114,20 +115,21 @@ class StagingRing:
 
     def prepare(self, count: int) -> None:
         """Make sure `count` buffers exist (pinning them now rather than when the first reads need them)."""
-        for staging in [self.get() for _ in range(min(count, RING_SLOTS))]:
+        for staging in [self.get() for _ in range(min(count, self.slots))]:
             self.put(staging)
 
 
-_rings: dict[tuple[int, bool], StagingRing] = {}
+_rings: dict[tuple[int, bool, int | None], StagingRing] = {}
 _rings_lock = threading.Lock()
 
 
-def staging_ring(size: int, pinned: bool) -> StagingRing:
-    """The process-wide ring of staging buffers of `size` bytes (pinning is expensive: done once per buffer)."""
+def staging_ring(size: int, pinned: bool, slots: int | None = None) -> StagingRing:
+    """The process-wide ring of up to `slots` staging buffers of `size` bytes (pinning is expensive: done once
+    per buffer); reads and the shard writer each keep their own."""
     with _rings_lock:
-        if (size, pinned) not in _rings:
-            _rings[size, pinned] = StagingRing(size, pinned)
-        return _rings[size, pinned]
+        if (size, pinned, slots) not in _rings:
+            _rings[size, pinned, slots] = StagingRing(size, pinned, slots)
+        return _rings[size, pinned, slots]
 
 
 def read_tensors(files: list[Path], place: Callable[[str], torch.device], *, threads: int = 12,
@@ -212,7 +214,7 @@ def _copy_all(jobs: list[tuple[Run, int, int]], arenas: dict, ring: StagingRing,
         finally:
             ring.put(staging)
 
-    workers = max(1, min(threads, RING_SLOTS, len(jobs)))
+    workers = max(1, min(threads, ring.slots, len(jobs)))
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for future in [pool.submit(work) for _ in range(workers)]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .reader import pread_exactly
+from .reader import pread_exactly, staging_ring
 
 SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8",
                      torch.int8: "I8", torch.int32: "I32", torch.int64: "I64", torch.float64: "F64", torch.bool: "BOOL",
@@ -36,7 +36,7 @@ MAX_SHARD_BYTES = 1024**3  # 1 GiB shards: parallel hashing and reads
 HOST_QUEUE_BYTES = 32 * 1024**2  # host tensors handed to shard threads, not yet written (one larger tensor passes alone)
 DEVICE_HOLD_BYTES = 3 * 1024**3  # GPU tensors waiting for their shard's header (at least one shard's worth)
 STAGING_BYTES = 16 * 1024**2  # one chunk of a GPU tensor on its way to the file, or of a read-back
-STAGING_SLOTS = 4
+STAGING_SLOTS = 4  # pinned buffers all shard threads share
 FLUSH_BYTES = 128 * 1024**2  # bytes written to a shard after which the disk starts taking them, not only at its fsync
 
 
@@ -248,38 +248,25 @@ def _read_back(fd: int, base: int, piece: _Piece, buffer: memoryview, path: Path
 
 
 def _copy_out(piece: _Piece):
-    """(offset in the piece, bytes) of a GPU piece, copied out a chunk at a time through a pinned buffer
-    (valid until the next chunk)."""
+    """(offset in the piece, bytes) of a GPU piece, copied out a chunk at a time through a pinned buffer of the
+    shard threads' ring (valid until the next chunk)."""
     flat = piece.data.reshape(-1).view(torch.uint8)
     stream = torch.cuda.Stream(flat.device)
     stream.wait_event(piece.ready)
-    pool = _pinned_pool()
-    buffer = pool.get()
+    ring = staging_ring(STAGING_BYTES, True, STAGING_SLOTS)
+    staging = ring.get()
     try:
         for start in range(0, piece.size, STAGING_BYTES):
             size = min(STAGING_BYTES, piece.size - start)
             with torch.cuda.stream(stream):
-                buffer[:size].copy_(flat[start: start + size], non_blocking=True)
+                staging.tensor[:size].copy_(flat[start: start + size], non_blocking=True)
             stream.synchronize()
-            yield start, memoryview(buffer.numpy())[:size]
+            yield start, memoryview(staging.array)[:size]
     finally:
-        pool.put(buffer)
+        ring.put(staging)
 
 
 _flusher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fdatasync")  # the disk takes shards while they are written
-_pinned: queue.Queue | None = None
-_pinned_lock = threading.Lock()
-
-
-def _pinned_pool() -> queue.Queue:
-    """Pinned host buffers shared by every shard thread of the process (pinning is slow: done once)."""
-    global _pinned
-    with _pinned_lock:
-        if _pinned is None:
-            _pinned = queue.Queue()
-            for _ in range(STAGING_SLOTS):
-                _pinned.put(torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True))
-        return _pinned
 
 
 class _Budget:

@@ -140,6 +140,9 @@ def test_staging_ring_prepare_makes_buffers_ahead_without_keeping_them(monkeypat
     assert ring._made == 4
     made = [ring.get() for _ in range(4)]  # all free again, none made anew
     assert ring._made == 4 and len({id(s) for s in made}) == 4
+    own = reader.StagingRing(64, pinned=False, slots=2)  # a ring of its own size (the shard writer's)
+    own.prepare(6)
+    assert own._made == 2
 
 
 def test_reading_waits_for_go_and_reads_nothing_when_told_not_to(tmp_path):
