@@ -88,9 +88,8 @@ def checkpointed(offloader: "ActivationOffloader | None", function, *args, use_r
     keywords = getattr(function, "keywords", None) or {}
     if (kwargs or not torch.is_grad_enabled() or _needs_grad(keywords.values())
             or not _needs_grad(args) or any(not torch.is_tensor(a) for a in args)):
-        if offloader is None:
-            return checkpoint(function, *args, use_reentrant=False, **kwargs)
-        with torch.autograd.graph.saved_tensors_hooks(offloader.pack, offloader.unpack):
+        with (contextlib.nullcontext() if offloader is None
+              else torch.autograd.graph.saved_tensors_hooks(offloader.pack, offloader.unpack)):
             return checkpoint(function, *args, use_reentrant=False, **kwargs)
     outputs = _Recomputed.apply(function, offloader, *args)
     return outputs[0] if len(outputs) == 1 else outputs
