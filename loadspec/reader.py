@@ -154,18 +154,30 @@ def read_tensors(files: list[Path], place: Callable[[str], torch.device], *, thr
     if go is not None and not go.result():
         return {}
     if runs:
-        jobs = [(run, at, min(chunk_bytes, run.end - at)) for run in runs for at in range(run.start, run.end, chunk_bytes)]
-        _copy_all(jobs, arenas, ring, threads)
+        _copy_all(_chunk_jobs(runs, chunk_bytes), arenas, ring, threads)
     mapped = {path: torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
               for path in {item.path for item, run in tensors if run is None}}
     result = {}
+    typed: dict = {}  # (arena or mapping, dtype) -> all of it seen as that dtype: one view op per tensor below
     for item, run in tensors:
+        whole = mapped[item.path] if run is None else arenas[run.device]
         at = item.start if run is None else run.offset + item.start - run.start
-        raw = (mapped[item.path] if run is None else arenas[run.device])[at: at + item.end - item.start]
-        if at % item.dtype.itemsize:
-            raw = raw.clone()  # a fresh allocation is aligned for any dtype
-        result[item.name] = raw.view(item.dtype).view(item.shape)
+        size = item.dtype.itemsize
+        if at % size:  # a fresh allocation is aligned for any dtype
+            result[item.name] = whole[at: at + item.end - item.start].clone().view(item.dtype).view(item.shape)
+            continue
+        if (id(whole), item.dtype) not in typed:
+            typed[id(whole), item.dtype] = whole[: whole.numel() - whole.numel() % size].view(item.dtype)
+        result[item.name] = typed[id(whole), item.dtype].as_strided(item.shape, _contiguous_strides(item.shape), at // size)
     return result
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for extent in reversed(shape):
+        strides.append(step)
+        step *= max(extent, 1)
+    return tuple(reversed(strides))
 
 
 def _plan_runs(files: list[Path], place: Callable[[str], torch.device]):
@@ -189,14 +201,44 @@ def _plan_runs(files: list[Path], place: Callable[[str], torch.device]):
     return runs, tensors, arena_size
 
 
-def _copy_all(jobs: list[tuple[Run, int, int]], arenas: dict, ring: StagingRing, threads: int) -> None:
-    """Run each (run, file offset, length) job: the bytes go through a pinned staging buffer and one copy on the
-    reading thread's own stream to the run's place in its device's arena.
-    Each thread keeps one staging buffer and one stream and takes jobs from a shared iterator until none are
-    left: per chunk it needs Python's lock only between its read, its copy and its wait for the copy (each of
-    which lets go of it), and the destinations are sliced here, before the threads start."""
-    fds = {path: os.open(path, os.O_RDONLY) for path in {run.path for run, _, _ in jobs}}
-    targets = [arenas[run.device][run.offset + at - run.start: run.offset + at - run.start + length] for run, at, length in jobs]
+def _chunk_jobs(runs: list[Run], chunk_bytes: int) -> list[tuple[Path, int, int, list[tuple[Run, int, int]]]]:
+    """The reads that bring `runs` in: (file, offset, length, [(run, file offset, length), ...] of the runs' bytes
+    in that read). Runs of one file with at most RIDE_ALONG_BYTES between them (a quant-state blob, a tensor
+    that starts a new run only to land on an ALIGN boundary) are read as one stretch, `chunk_bytes` at a time,
+    so a chunk may feed several runs: an 8B artifact has ~450 runs of ~10 MB, and cutting chunks at run ends
+    would make one read in two a short one."""
+    jobs = []
+    first = 0
+    while first < len(runs):
+        last = first + 1
+        while (last < len(runs) and runs[last].path == runs[first].path
+               and 0 <= runs[last].start - runs[last - 1].end <= RIDE_ALONG_BYTES):
+            last += 1
+        stretch, current = runs[first:last], 0
+        for at in range(stretch[0].start, stretch[-1].end, chunk_bytes):
+            stop = min(at + chunk_bytes, stretch[-1].end)
+            while stretch[current].end <= at:
+                current += 1
+            pieces, index = [], current
+            while index < len(stretch) and stretch[index].start < stop:
+                begin, end = max(at, stretch[index].start), min(stop, stretch[index].end)
+                if end > begin:
+                    pieces.append((stretch[index], begin, end - begin))
+                index += 1
+            jobs.append((stretch[0].path, at, stop - at, pieces))
+        first = last
+    return jobs
+
+
+def _copy_all(jobs: list[tuple[Path, int, int, list]], arenas: dict, ring: StagingRing, threads: int) -> None:
+    """Run each `_chunk_jobs` job: one positional read into a pinned staging buffer, then one asynchronous copy per
+    run it feeds, on the reading thread's own stream, to the run's place in its device's arena.
+    Each thread keeps one staging buffer and one stream per device and takes jobs from a shared iterator until
+    none are left: per chunk it needs Python's lock only between its read, its copies and its wait for them (each
+    of which lets go of it), and the destinations are sliced here, before the threads start."""
+    fds = {path: os.open(path, os.O_RDONLY) for path in {path for path, _, _, _ in jobs}}
+    copies = [[(arenas[run.device][run.offset + begin - run.start: run.offset + begin - run.start + length], begin - at, run.device)
+               for run, begin, length in pieces] for _, at, _, pieces in jobs]
     pending = iter(range(len(jobs)))  # next() on it is atomic under Python's lock: each job goes to one thread
 
     def work() -> None:
@@ -204,13 +246,15 @@ def _copy_all(jobs: list[tuple[Run, int, int]], arenas: dict, ring: StagingRing,
         streams: dict = {}
         try:
             for index in pending:
-                run, at, length = jobs[index]
-                if run.device not in streams:
-                    streams[run.device] = torch.cuda.Stream(device=run.device)
-                    torch.cuda.set_stream(streams[run.device])
-                pread_exactly(fds[run.path], staging.array[:length], at, run.path)
-                targets[index].copy_(staging.tensor[:length], non_blocking=True)
-                streams[run.device].synchronize()  # the buffer is free again, and the bytes are in place
+                path, at, length, _ = jobs[index]
+                pread_exactly(fds[path], staging.array[:length], at, path)
+                for target, source, device in copies[index]:
+                    if device not in streams:
+                        streams[device] = torch.cuda.Stream(device=device)
+                        torch.cuda.set_stream(streams[device])
+                    target.copy_(staging.tensor[source: source + target.numel()], non_blocking=True)
+                for stream in streams.values():
+                    stream.synchronize()  # the buffer is free again, and the bytes are in place
         finally:
             ring.put(staging)
 

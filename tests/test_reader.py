@@ -160,3 +160,31 @@ def test_reading_waits_for_go_and_reads_nothing_when_told_not_to(tmp_path):
         got = pending.result(timeout=30)
         assert abandoned.result(timeout=30) == {}
     assert torch.equal(got["w.f32"], sample()["w.f32"])
+
+
+def test_runs_a_little_apart_are_read_in_full_chunks_each_feeding_every_run_it_covers():
+    from pathlib import Path
+
+    from loadspec.reader import RIDE_ALONG_BYTES, Run, _chunk_jobs
+
+    gpu, a, b = torch.device("cuda:0"), Path("a"), Path("b")
+    runs = [Run(a, 100, 1000, gpu, 0), Run(a, 1000, 1700, gpu, 1024),  # split only to land on an ALIGN boundary
+            Run(a, 1750, 5000, gpu, 1792),  # after a 50-byte quant-state blob on the host
+            Run(a, 5000 + RIDE_ALONG_BYTES + 1, 5000 + RIDE_ALONG_BYTES + 301, gpu, 5120),  # too far: a stretch of its own
+            Run(b, 0, 900, gpu, 5376)]  # another file
+    jobs = _chunk_jobs(runs, chunk_bytes=1024)
+    covered = {id(run): [] for run in runs}
+    for path, at, length, pieces in jobs:
+        assert 0 < length <= 1024
+        for run, begin, size in pieces:
+            assert run.path == path and at <= begin and begin + size <= at + length and run.start <= begin and begin + size <= run.end
+            covered[id(run)].append((begin, begin + size))
+    for run in runs:  # every byte of every run, once, in order
+        spans = covered[id(run)]
+        assert spans[0][0] == run.start and spans[-1][1] == run.end
+        assert all(left[1] == right[0] for left, right in zip(spans, spans[1:]))
+    # the first stretch (100..5000) takes ceil(4900 / 1024) = 5 reads, not one or more per run
+    assert [(path.name, at, length) for path, at, length, _ in jobs] == [
+        ("a", 100, 1024), ("a", 1124, 1024), ("a", 2148, 1024), ("a", 3172, 1024), ("a", 4196, 804),
+        ("a", 5000 + RIDE_ALONG_BYTES + 1, 300), ("b", 0, 900)]
+    assert [len(pieces) for _, _, _, pieces in jobs][:3] == [2, 2, 1]  # a read feeds every run it covers

@@ -142,6 +142,7 @@ PYPROFILE = PROFILE.split("with profile(")[0] + """import cProfile, pstats
 prof = cProfile.Profile(); prof.enable(); step(); torch.cuda.synchronize(); prof.disable()
 print(f"step wall {{wall:.3f}} s (Python functions of one step below)")
 pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
 """
 
 
