@@ -259,3 +259,44 @@ def test_lora_patch_under_an_accelerate_hook_falls_back_without_recursing():
     torch.testing.assert_close(model(x), adapted, rtol=1e-6, atol=1e-6)
     with model.disable_adapter():
         assert torch.equal(model(x), base)
+
+
+def test_lora_patch_keeps_peft_path_for_layers_it_cannot_fuse(graph_nodes):
+    """The fused node only stands in for a frozen, hook-free base layer: a forward hook on it, a trainable base
+    weight or bias, or an accelerate hook on it send the call back to peft, whose gradients reach the base."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+    from peft import LoraConfig, get_peft_model
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.q_proj(x)
+
+    def fused_nodes(model):
+        return graph_nodes(model(torch.randn(3, 8)).sum()).get("_LoraLinearBackward", 0)
+
+    def patched():
+        torch.manual_seed(0)
+        model = get_peft_model(Tiny(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+        patches.apply(model, [{"module": "LoraLayer", "kernel": "lora", "version": kernels.versions()["lora"]}])
+        return model, model.base_model.model.q_proj.base_layer
+
+    model, base = patched()
+    assert fused_nodes(model) == 1
+    handle = base.register_forward_hook(lambda module, args, out: out)
+    assert fused_nodes(model) == 0
+    handle.remove()
+    assert fused_nodes(model) == 1
+    base.weight.requires_grad_(True)
+    assert fused_nodes(model) == 0
+    model(torch.randn(3, 8)).sum().backward()
+    assert base.weight.grad is not None  # peft's path trains the unfrozen base weight
+    base.weight.requires_grad_(False)
+    base.bias.requires_grad_(True)
+    assert fused_nodes(model) == 0
+    model, base = patched()
+    add_hook_to_module(base, ModelHook())
+    assert fused_nodes(model) == 0
