@@ -55,11 +55,17 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "f
 
 def dequantize_4bit(packed: torch.Tensor, state) -> torch.Tensor:
     """The weight of a bitsandbytes 4-bit parameter, in `state.dtype`, exactly as bitsandbytes dequantizes it."""
-    launch = _launch_arguments(packed, state) if packed.is_cuda else None
-    if launch is None:
-        from bitsandbytes.functional import dequantize_4bit as bnb_dequantize_4bit
+    with torch._C.DisableTorchFunctionSubclass():  # Params4bit's __torch_function__ would run for each attribute read
+        launch = _launch_arguments(packed, state) if packed.is_cuda else None
+        if launch is not None:
+            return _dequantize_natively(packed, state, launch)
+    from bitsandbytes.functional import dequantize_4bit as bnb_dequantize_4bit
 
-        return bnb_dequantize_4bit(packed, state)
+    return bnb_dequantize_4bit(packed, state)
+
+
+def _dequantize_natively(packed: torch.Tensor, state, launch) -> torch.Tensor:
+    """bitsandbytes' CUDA kernels launched straight from their C entry points with `_launch_arguments`' values."""
     nested, values = launch
     device = packed.device
     swap = device.index != torch.cuda.current_device()
