@@ -234,22 +234,29 @@ def test_lora_patch_computes_the_adapter_in_bf16_from_float32_weights(checkpoint
         torch.testing.assert_close(after[2][name], before[2][name], rtol=5e-2, atol=5e-3, msg=lambda m: f"{name}: {m}")
 
 
+class _OneLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.q_proj(x)
+
+
+def _one_lora_layer():
+    """A peft LoRA model around one Linear (random B, so the adapter changes the output), seeded."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    return get_peft_model(_OneLinear(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+
+
 def test_lora_patch_under_an_accelerate_hook_falls_back_without_recursing():
     """A dispatched model's layers carry accelerate hooks: the patch replaces the module's own forward
     (`_old_forward`), and its fallback to peft (adapters disabled) calls that one, not the hook again."""
     from accelerate.hooks import ModelHook, add_hook_to_module
-    from peft import LoraConfig, get_peft_model
 
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q_proj = torch.nn.Linear(8, 8)
-
-        def forward(self, x):
-            return self.q_proj(x)
-
-    torch.manual_seed(0)
-    model = get_peft_model(Tiny(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model = _one_lora_layer()
     add_hook_to_module(model.base_model.model.q_proj, ModelHook())
     x = torch.randn(3, 8)
     adapted = model(x)
@@ -265,22 +272,12 @@ def test_lora_patch_keeps_peft_path_for_layers_it_cannot_fuse(graph_nodes):
     """The fused node only stands in for a frozen, hook-free base layer: a forward hook on it, a trainable base
     weight or bias, or an accelerate hook on it send the call back to peft, whose gradients reach the base."""
     from accelerate.hooks import ModelHook, add_hook_to_module
-    from peft import LoraConfig, get_peft_model
-
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q_proj = torch.nn.Linear(8, 8)
-
-        def forward(self, x):
-            return self.q_proj(x)
 
     def fused_nodes(model):
         return graph_nodes(model(torch.randn(3, 8)).sum()).get("_LoraLinearBackward", 0)
 
     def patched():
-        torch.manual_seed(0)
-        model = get_peft_model(Tiny(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+        model = _one_lora_layer()
         patches.apply(model, [{"module": "LoraLayer", "kernel": "lora", "version": kernels.versions()["lora"]}])
         return model, model.base_model.model.q_proj.base_layer
 
