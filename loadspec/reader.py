@@ -173,6 +173,7 @@ def read_tensors(files: list[Path], place: Callable[[str], torch.device], *, thr
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides (in elements) of a contiguous tensor of `shape`, as torch gives them."""
     strides, step = [], 1
     for extent in reversed(shape):
         strides.append(step)
