@@ -72,8 +72,9 @@ def read_layout(path: Path) -> tuple[int, dict]:
 
 
 class _Staging:
-    """One reusable host buffer of the ring, with the events its last copies must finish before reuse (`read_ahead`;
-    `read_tensors`' threads wait for their copies themselves)."""
+    """One reusable host buffer of the ring, with the events its last copies must finish before reuse (`read_ahead`
+    records them; `read_tensors`' threads wait for their copies themselves). The ring's `get` waits for them, so
+    a buffer `read_ahead` put back is never overwritten by another reader while its copies run."""
 
     def __init__(self, size: int, pinned: bool):
         self.tensor = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
@@ -100,15 +101,17 @@ class StagingRing:
         self._lock = threading.Lock()
 
     def get(self) -> _Staging:
-        """A free buffer: a released one, a new one while fewer than `slots` exist, else the next released."""
+        """A free buffer: a released one, a new one while fewer than `slots` exist, else the next released; in every
+        case one whose last asynchronous copies (recorded in its `events`) are done, whoever made them."""
         try:
-            return self._free.get_nowait()
+            staging = self._free.get_nowait()
         except queue.Empty:
-            pass
-        with self._lock:
-            make = self._made < self.slots
-            self._made += make
-        return _Staging(self.size, self.pinned) if make else self._free.get()
+            with self._lock:
+                make = self._made < self.slots
+                self._made += make
+            staging = _Staging(self.size, self.pinned) if make else self._free.get()
+        staging.wait_until_free()
+        return staging
 
     def put(self, staging: _Staging) -> None:
         self._free.put(staging)
@@ -310,7 +313,6 @@ def read_ahead(order: list[Stored], ahead_bytes: dict[str, int], *, threads: int
     def to_device(item: Stored, target: torch.Tensor, allocated, start: int):
         staging = ring.get()
         try:
-            staging.wait_until_free()
             size = target.numel()
             pread_exactly(fds[item.path], staging.array[:size], item.start + start, item.path)
             if not hasattr(streams, "stream"):

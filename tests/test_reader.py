@@ -188,3 +188,21 @@ def test_runs_a_little_apart_are_read_in_full_chunks_each_feeding_every_run_it_c
         ("a", 100, 1024), ("a", 1124, 1024), ("a", 2148, 1024), ("a", 3172, 1024), ("a", 4196, 804),
         ("a", 5000 + RIDE_ALONG_BYTES + 1, 300), ("b", 0, 900)]
     assert [len(pieces) for _, _, _, pieces in jobs][:3] == [2, 2, 1]  # a read feeds every run it covers
+
+
+def test_staging_ring_hands_out_a_buffer_only_once_its_last_copies_are_done():
+    """read_ahead puts a buffer back with its copies still running (their events recorded); whoever gets it next
+    (read_tensors' threads too) must not refill it before those copies finish."""
+    from loadspec import reader
+
+    finished = []
+
+    class Copy:  # stands in for a CUDA event of a copy still reading the buffer
+        def synchronize(self):
+            finished.append(self)
+
+    ring = reader.StagingRing(64, pinned=False, slots=1)
+    staging = ring.get()
+    staging.events = [Copy(), Copy()]
+    ring.put(staging)
+    assert ring.get() is staging and len(finished) == 2 and staging.events == []
