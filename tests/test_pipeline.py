@@ -81,6 +81,8 @@ def test_second_build_is_a_cache_hit_that_reads_no_weights(checkpoint, write_spe
     def no_reads(*args, **kwargs):
         raise AssertionError("a cache hit must not read tensor data or build")
 
+    monkeypatch.setattr(builder, "read_ahead", no_reads)  # how a build reads safetensors sources
+    monkeypatch.setattr(builder, "_stream", no_reads)  # GGUF and pickle sources
     monkeypatch.setattr(reader, "iter_file_tensors", no_reads)
     monkeypatch.setattr(builder, "write_artifact", no_reads)
     second = loadspec.build(spec, cache_dir=tmp_path, progress=False)
