@@ -12,11 +12,13 @@ and dispatch work, not the GPU, set the step time (the GPU was busy 42% of it). 
             (W dequantized again, never kept; gradients of A and B land in their float32 masters)
 
 The 4-bit weight is dequantized by bitsandbytes' own CUDA kernels, called directly (its
-`dequantize_4bit` wraps the same two kernels in several Python layers and dispatcher ops), so the
-weight is bit for bit the one bitsandbytes computes. Elsewhere (CPU) bitsandbytes' `dequantize_4bit`.
+`dequantize_4bit` wraps the same kernels in several Python layers and dispatcher ops), so the weight is
+bit for bit the one bitsandbytes computes; double-quantized absmax are turned back into float32 once per
+layer and kept (see `_launch_arguments`). Elsewhere (CPU) bitsandbytes' `dequantize_4bit`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -58,43 +60,42 @@ def dequantize_4bit(packed: torch.Tensor, state) -> torch.Tensor:
     with torch._C.DisableTorchFunctionSubclass():  # Params4bit's __torch_function__ would run for each attribute read
         launch = _launch_arguments(packed, state) if packed.is_cuda else None
         if launch is not None:
-            return _dequantize_natively(packed, state, launch)
+            function, absmax, blocksize = launch
+            with _on(packed.device) as stream:
+                out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
+                function(None, packed.data_ptr(), absmax.data_ptr(), out.data_ptr(), blocksize, out.numel(), stream)
+            return out
     from bitsandbytes.functional import dequantize_4bit as bnb_dequantize_4bit
 
     return bnb_dequantize_4bit(packed, state)
 
 
-def _dequantize_natively(packed: torch.Tensor, state, launch) -> torch.Tensor:
-    """bitsandbytes' CUDA kernels launched straight from their C entry points with `_launch_arguments`' values."""
-    nested, values = launch
-    device = packed.device
+@contextlib.contextmanager
+def _on(device: torch.device):
+    """Make `device` the current CUDA device for the block (only if it is not already); yields its current stream's handle."""
     swap = device.index != torch.cuda.current_device()
     if swap:
         previous = torch.cuda.current_device()
         torch.cuda.set_device(device)
     try:
-        stream = _raw_stream(device.index)
-        absmax = state.absmax
-        if nested is not None:  # the absmax are themselves 8-bit codes: dequantize them first, then shift
-            function, code, codes, scales, blocksize, count = nested
-            absmax = torch.empty(count, dtype=torch.float32, device=device)
-            function(code, codes, scales, absmax.data_ptr(), blocksize, count, stream)
-            absmax += state.offset
-        function, blocksize = values
-        out = torch.empty(state.shape, dtype=state.dtype, device=device)
-        function(None, packed.data_ptr(), absmax.data_ptr(), out.data_ptr(), blocksize, out.numel(), stream)
+        yield _raw_stream(device.index)
     finally:
         if swap:
             torch.cuda.set_device(previous)
-    return out
 
 
 _LAUNCH_ATTR = "_loadspec_dequantize_launch"
 
 
 def _launch_arguments(packed: torch.Tensor, state):
-    """(nested absmax launch or None, value launch) for bitsandbytes' C dequantizers, kept on the QuantState
-    (checked against the tensors' addresses, which change only if they move); None: use bitsandbytes' Python path."""
+    """(bitsandbytes' C dequantizer for the values, float32 absmax, blocksize), kept on the QuantState and checked
+    against the tensors' addresses (which change only if they move); None: use bitsandbytes' Python path.
+
+    With double quantization the absmax are 8-bit codes that bitsandbytes turns back into float32 (one launch,
+    then adding the offset: a second) before every dequantization. Here that is done once, with the same
+    kernel and the same add, and the float32 absmax are kept: 4 bytes per block of `state.blocksize` weights
+    (1/16 byte a weight at blocksize 64, 61 MB for a 1B Llama's linear layers), for one launch per dequantize
+    instead of three. `forget_dequantize_cache` frees them."""
     key = (packed.data_ptr(), state.absmax.data_ptr())
     cached = getattr(state, _LAUNCH_ATTR, None)
     if cached is not None and cached[0] == key:
@@ -102,16 +103,33 @@ def _launch_arguments(packed: torch.Tensor, state):
     native = _native_dequantizers()
     launch = None
     if native is not None and state.dtype in _DTYPE_NAMES and state.quant_type in ("nf4", "fp4"):
-        nested = None
-        if state.nested:
-            inner = state.state2
-            if inner.absmax.dtype == torch.float32 and inner.code.dtype == torch.float32 and state.absmax.dtype == torch.uint8:
-                nested = (native["cdequantize_blockwise_fp32"], inner.code.data_ptr(), state.absmax.data_ptr(),
-                          inner.absmax.data_ptr(), inner.blocksize, state.absmax.numel())
-        if nested is not None or not state.nested:
-            launch = (nested, (native[f"cdequantize_blockwise_{_DTYPE_NAMES[state.dtype]}_{state.quant_type}"], state.blocksize))
+        absmax = _float_absmax(state, native, packed.device) if state.nested else state.absmax
+        if absmax is not None:
+            launch = (native[f"cdequantize_blockwise_{_DTYPE_NAMES[state.dtype]}_{state.quant_type}"], absmax, state.blocksize)
     setattr(state, _LAUNCH_ATTR, (key, launch))
     return launch
+
+
+def _float_absmax(state, native: dict, device: torch.device) -> torch.Tensor | None:
+    """A double-quantized state's absmax in float32, as bitsandbytes computes them before each dequantization
+    (None for a layout its C entry point does not take)."""
+    inner = state.state2
+    if not (inner.absmax.dtype == torch.float32 and inner.code.dtype == torch.float32 and state.absmax.dtype == torch.uint8):
+        return None
+    with _on(device) as stream:
+        absmax = torch.empty(state.absmax.numel(), dtype=torch.float32, device=device)
+        native["cdequantize_blockwise_fp32"](inner.code.data_ptr(), state.absmax.data_ptr(), inner.absmax.data_ptr(),
+                                             absmax.data_ptr(), inner.blocksize, absmax.numel(), stream)
+        absmax += state.offset
+        torch.cuda.current_stream(device).synchronize()  # once a layer: a call on another stream may use them next
+    return absmax
+
+
+def forget_dequantize_cache(layer: torch.nn.Module) -> None:
+    """Drop what `dequantize_4bit` keeps on a 4-bit layer's QuantState (the float32 absmax among it)."""
+    state = getattr(layer._parameters.get("weight"), "quant_state", None)
+    if state is not None:
+        state.__dict__.pop(_LAUNCH_ATTR, None)
 
 
 def base_weight(layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:

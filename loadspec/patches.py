@@ -292,7 +292,7 @@ def _patch_lora(module):
     import torch
     import torch.nn.functional as F
 
-    from .kernels.lora import lora_linear
+    from .kernels.lora import forget_dequantize_cache, lora_linear
 
     slot = _forward_slot(module)
     peft_forward = getattr(module, slot)  # under an accelerate hook, the module's own forward: the hook stays outside
@@ -316,7 +316,12 @@ def _patch_lora(module):
             result = torch.addmm(result, down.reshape(-1, down.shape[-1]), self.lora_B[name].weight.to(dtype).t(),
                                  alpha=self.scaling[name])
         return result.view(shape)
-    return _swap(module, slot, types.MethodType(forward, module))
+    undo_forward = _swap(module, slot, types.MethodType(forward, module))
+
+    def undo():
+        undo_forward()
+        forget_dequantize_cache(module.base_layer)  # the float32 absmax the fused node kept
+    return undo
 
 
 PATCHERS = {

@@ -297,3 +297,27 @@ def test_lora_patch_keeps_peft_path_for_layers_it_cannot_fuse(graph_nodes):
     model, base = patched()
     add_hook_to_module(base, ModelHook())
     assert fused_nodes(model) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lora_patch_on_a_4bit_gpu_model_matches_peft_and_unpatch_frees_the_kept_absmax(checkpoint, write_spec, tmp_path, graph_nodes):
+    from loadspec.kernels import lora as lora_kernel
+
+    spec = write_spec(checkpoint("llama"), name="lora_gpu_nf4", load={"quant": "nf4", "dtype": "bfloat16"},
+                      lora={"r": 8, "alpha": 16, "target_modules": "all-linear"})
+    model, _ = loadspec.load(spec, cache_dir=tmp_path / "cache", device="cuda:0", patch=False)
+    model.train()
+    ids, labels = (t.cuda() for t in _batch(model.config.vocab_size))
+    before = _lora_step(model, ids, labels, fused_nodes=0, graph_nodes=graph_nodes)
+    applied = patches.apply(model, [{"module": "LoraLayer", "kernel": "lora", "version": kernels.versions()["lora"]}])
+    after = _lora_step(model, ids, labels, fused_nodes=applied[0]["count"], graph_nodes=graph_nodes)
+    torch.testing.assert_close(after[0], before[0], rtol=2e-2, atol=2e-2)  # bf16 adapters vs autocast's, 2 layers
+    for name in before[2]:
+        torch.testing.assert_close(after[2][name], before[2][name], rtol=5e-2, atol=5e-3, msg=lambda m: f"{name}: {m}")
+    states = [m.base_layer.weight.quant_state for m in patches._lora_layers(model)]
+    assert states and all(hasattr(s, lora_kernel._LAUNCH_ATTR) for s in states)  # float32 absmax kept per layer
+    again = _lora_step(model, ids, labels)
+    assert torch.equal(again[0], after[0])  # from the kept absmax: the same numbers as the step that made them
+    patches.unpatch(model)
+    assert not any(hasattr(s, lora_kernel._LAUNCH_ATTR) for s in states)

@@ -75,7 +75,27 @@ def test_native_dequantize_equals_bitsandbytes_on_gpu(dtype, quant_type, double)
     weight = (torch.randn(300, 257, device="cuda") * 0.05).to(dtype)
     packed, state = F.quantize_4bit(weight, blocksize=64, compress_statistics=double, quant_type=quant_type)
     assert k._native_dequantizers() is not None, "bitsandbytes' CUDA library should be loaded here"
-    assert torch.equal(k.dequantize_4bit(packed, state), F.dequantize_4bit(packed, state))
+    want = F.dequantize_4bit(packed, state)
+    assert torch.equal(k.dequantize_4bit(packed, state), want)
+    assert torch.equal(k.dequantize_4bit(packed, state), want)  # again, from what the first call kept
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kept_absmax_are_bitsandbytes_own_follow_a_move_and_are_freed_on_request():
+    layer = _layer("linear4bit", bias=False, dtype=torch.bfloat16, device="cuda")
+    state = layer.weight.quant_state
+    want = F.dequantize_4bit(layer.weight, state)
+    assert torch.equal(k.base_weight(layer, torch.bfloat16), want)
+    _, kept, _ = getattr(state, k._LAUNCH_ATTR)[1]
+    blocks = -(-80 * 96 // state.blocksize)
+    assert kept.dtype == torch.float32 and kept.numel() == blocks  # one float32 per block, not the 8-bit codes
+    assert torch.equal(kept, F.dequantize_blockwise(state.absmax, state.state2) + state.offset)
+    state.absmax = state.absmax.clone()  # the codes moved (as after .to()): what was kept for the old ones is stale
+    assert torch.equal(k.base_weight(layer, torch.bfloat16), want)
+    assert getattr(state, k._LAUNCH_ATTR)[1][1] is not kept
+    k.forget_dequantize_cache(layer)
+    assert not hasattr(state, k._LAUNCH_ATTR)
 
 
 @pytest.mark.gpu
