@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -118,22 +119,27 @@ def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = Non
     # skeleton is built: its threads and the skeleton would each slow the other down, taking turns at Python's
     # lock (an 8B skeleton took 0.03 s alone on the H100 machine, 0.25-0.3 s beside 12 readers).
     skeleton_built: Future = Future()  # True: read now; False: the skeleton failed, read nothing
+    devices, dtype = {torch.device(d) for d in device_map.values()}, getattr(torch, plan.dtype)
     with ThreadPoolExecutor(max_workers=3) as pool:
         stored = pool.submit(_read, folder, plan, device_map, skeleton_built)
-        gpus_ready = pool.submit(_start_gpu_libraries, {torch.device(d) for d in device_map.values()}, getattr(torch, plan.dtype))
+        # cuBLAS starts beside the imports when there are any (seconds in a fresh process); otherwise beside the read:
+        # beside the skeleton, it slowed the skeleton down (a first in-process load's skeleton took 0.14 s, not 0.06)
+        gpus_ready = None if "transformers.modeling_utils" in sys.modules else pool.submit(_start_gpu_libraries, devices, dtype)
         try:
             # transformers' lazy module is not safe to import from two threads at once in a fresh process (an
             # intermittent "cannot import name AutoModelForCausalLM"): the model classes and AutoTokenizer are
             # imported here, first
             with phase("imports"):
                 import_model_libraries(bitsandbytes=plan.quant["method"] in ("nf4", "fp4", "int8") and bool(plan.quantized))
-            tokenizer = pool.submit(_tokenizer, folder, plan)
             with phase("skeleton"):
                 model = _skeleton(folder, plan)
         except BaseException:
             skeleton_built.set_result(False)
             raise
         skeleton_built.set_result(True)
+        # the tokenizer (Python work, mostly) is read while the weights are: beside the skeleton, each slowed the other
+        tokenizer = pool.submit(_tokenizer, folder, plan)
+        gpus_ready = gpus_ready or pool.submit(_start_gpu_libraries, devices, dtype)
         with phase("weights"):
             weights = stored.result()
         with phase("assign"):
@@ -224,17 +230,41 @@ def _swap_bitsandbytes_linears(model: nn.Module, plan: LoadPlan, quant_config: d
     int8 = plan.quant["method"] == "int8"
     compute = getattr(torch, plan.quant.get("compute_dtype", plan.dtype))  # a pre-quantized source's own
 
-    def make(old: nn.Linear) -> nn.Module:
+    def build(in_features: int, out_features: int, bias: bool) -> nn.Module:
         if int8:
-            return bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=old.bias is not None,
-                                       has_fp16_weights=False, threshold=plan.quant["threshold"], device="meta")
-        return bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None, compute_dtype=compute,
+            return bnb.nn.Linear8bitLt(in_features, out_features, bias=bias, has_fp16_weights=False,
+                                       threshold=plan.quant["threshold"], device="meta")
+        return bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=compute,
                                  compress_statistics=plan.quant["double_quant"], quant_type=plan.quant["method"],
                                  quant_storage=torch.uint8, device="meta")
+    prototypes: dict[tuple, nn.Module] = {}  # one layer built by bitsandbytes per shape; the others are copies of it
+
+    def make(old: nn.Linear) -> nn.Module:
+        shape = (old.in_features, old.out_features, old.bias is not None)
+        if shape not in prototypes:
+            prototypes[shape] = build(*shape)
+        return _empty_copy(prototypes[shape])
     _replace_linears(model, plan.quantized, make)
     model.config.quantization_config = BitsAndBytesConfig.from_dict(quant_config)
     model.is_loaded_in_4bit, model.is_loaded_in_8bit = not int8, int8
     model.quantization_method = "bitsandbytes"
+
+
+def _empty_copy(prototype: nn.Module) -> nn.Module:
+    """A module of `prototype`'s class and settings made without running its constructor: its attributes, with
+    containers copied, and a fresh empty meta parameter for each of its parameters (the stored tensors replace
+    them in `_assign`). An 8B skeleton needs 224 bitsandbytes layers: 160 us each to construct, 30 us to copy."""
+    if prototype._modules or prototype._buffers:
+        raise ValueError(f"{type(prototype).__name__} has submodules or buffers; build it instead")
+    module = object.__new__(type(prototype))
+    for key, value in prototype.__dict__.items():
+        module.__dict__[key] = value.copy() if isinstance(value, (dict, set, list)) else value
+    with torch._C.DisableTorchFunctionSubclass():  # bitsandbytes' parameters run Python for every attribute read
+        for name, param in prototype._parameters.items():
+            if param is not None:
+                empty = torch.empty(param.shape, dtype=param.dtype, device="meta")
+                module._parameters[name] = nn.Parameter(empty, requires_grad=param.requires_grad)
+    return module
 
 
 def _device_for(name: str, device_map: dict) -> torch.device:
