@@ -160,7 +160,8 @@ def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = Non
 
 def _start_gpu_libraries(devices: set[torch.device], dtype: torch.dtype) -> None:
     """One small matrix product on each GPU: cuBLAS starts (library, handle, workspace) while the main thread
-    imports, instead of in the first forward (0.1-0.2 s of a fresh process's first forward on the H100 machine)."""
+    imports or the weights are read, instead of in the first forward (0.1-0.2 s of a fresh process's first
+    forward on the H100 machine)."""
     for device in devices:
         if device.type == "cuda":
             square = torch.ones(64, 64, dtype=dtype, device=device)
