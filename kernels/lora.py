@@ -60,14 +60,22 @@ def dequantize_4bit(packed: torch.Tensor, state) -> torch.Tensor:
     with torch._C.DisableTorchFunctionSubclass():  # Params4bit's __torch_function__ would run for each attribute read
         launch = _launch_arguments(packed, state) if packed.is_cuda else None
         if launch is not None:
-            function, absmax, blocksize = launch
-            with _on(packed.device) as stream:
-                out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
-                function(None, packed.data_ptr(), absmax.data_ptr(), out.data_ptr(), blocksize, out.numel(), stream)
-            return out
+            device = packed.device
+            if device.index == torch.cuda.current_device():  # the usual case: no context manager on this per-layer path
+                return _dequantize_natively(packed, state, launch, _raw_stream(device.index))
+            with _on(device) as stream:
+                return _dequantize_natively(packed, state, launch, stream)
     from bitsandbytes.functional import dequantize_4bit as bnb_dequantize_4bit
 
     return bnb_dequantize_4bit(packed, state)
+
+
+def _dequantize_natively(packed: torch.Tensor, state, launch, stream) -> torch.Tensor:
+    """bitsandbytes' C dequantizer run with `_launch_arguments`' values on `stream` (of the current device)."""
+    function, absmax, blocksize = launch
+    out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
+    function(None, packed.data_ptr(), absmax.data_ptr(), out.data_ptr(), blocksize, out.numel(), stream)
+    return out
 
 
 @contextlib.contextmanager
