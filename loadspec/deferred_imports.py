@@ -10,24 +10,19 @@ While they are imported here, `sklearn.metrics` and `scipy.optimize` are stand-i
 on first use, and `torch.compile` of a plain function returns a wrapper that compiles on first call
 (torch.compile itself compiles only at the first call, so nothing changes but when the import happens).
 
-One import does run, but need not be recomputed every time: transformers calls
-`importlib.metadata.packages_distributions()` when imported, which reads the file list of every installed
-distribution (1.4 s of `-X importtime` on the H100 image, whose CUDA packages have long RECORD files). Its
-answer is kept in $LOADSPEC_CACHE (~/.cache/loadspec) beside the artifacts, keyed by `sys.path` and each of its
-folders' modification time, which changes whenever a distribution is installed, upgraded or removed there.
+What does run but need not be recomputed every time is read from `import_caches`.
 Nothing is deferred when the library was already imported. `LOADSPEC_DEFER_IMPORTS=0` turns this off.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.metadata
 import inspect
-import json
 import os
 import sys
-import tempfile
 import types
+
+from .import_caches import cached_import_structure, cached_package_map
 
 DEFERRED_MODULES = ("sklearn.metrics", "scipy.optimize")
 
@@ -36,7 +31,8 @@ def import_model_libraries(*, bitsandbytes: bool) -> None:
     """Import transformers' model classes (and bitsandbytes when the model needs it), deferring what loads never use."""
     defer = os.environ.get("LOADSPEC_DEFER_IMPORTS", "1") != "0"
     with deferred_modules(DEFERRED_MODULES) if defer else contextlib.nullcontext(), \
-            cached_package_map() if defer else contextlib.nullcontext():
+            cached_package_map() if defer else contextlib.nullcontext(), \
+            cached_import_structure() if defer else contextlib.nullcontext():
         import transformers.modeling_utils  # noqa: F401
         from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (these import transformers.generation)
     if bitsandbytes:
@@ -120,51 +116,3 @@ def compile_on_first_call():
         yield
     finally:
         torch.compile = real
-
-
-PACKAGE_MAP_FILE = "packages_distributions.json"
-
-
-def _package_map_key() -> list:
-    """sys.path with each entry's modification time: any install, upgrade or removal there changes it."""
-    key = []
-    for entry in sys.path:
-        try:
-            key.append([entry, os.stat(entry or ".").st_mtime_ns])
-        except OSError:
-            key.append([entry, None])
-    return key
-
-
-@contextlib.contextmanager
-def cached_package_map():
-    """While inside, `importlib.metadata.packages_distributions()` answers from its cached result when
-    nothing on sys.path changed since it was computed (and computes and keeps it otherwise)."""
-    from .store import cache_root
-
-    real = importlib.metadata.packages_distributions
-    path = cache_root() / PACKAGE_MAP_FILE
-
-    def cached():
-        key = _package_map_key()
-        try:
-            stored = json.loads(path.read_text())
-            if stored["key"] == key:
-                return {package: list(names) for package, names in stored["map"].items()}
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        answer = real()
-        try:  # written whole, then renamed into place: a reader never sees half a file
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".packages-", delete=False) as handle:
-                json.dump({"key": key, "map": answer}, handle)
-            os.replace(handle.name, path)
-        except OSError:
-            pass  # a read-only cache: compute it each time, as transformers would
-        return answer
-
-    importlib.metadata.packages_distributions = cached
-    try:
-        yield
-    finally:
-        importlib.metadata.packages_distributions = real

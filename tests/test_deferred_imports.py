@@ -108,30 +108,3 @@ def test_load_in_fresh_process_does_not_import_sklearn(checkpoint, write_spec, t
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "RESULT False"
-
-
-def test_package_map_is_reused_until_an_install_changes_sys_path(tmp_path, monkeypatch):
-    """transformers' packages_distributions() call answers from the cache, and an install is seen at once."""
-    import importlib.metadata
-
-    calls = []
-    real = importlib.metadata.packages_distributions
-    monkeypatch.setattr(importlib.metadata, "packages_distributions", lambda: calls.append(1) or real())
-    counting = importlib.metadata.packages_distributions
-    monkeypatch.setenv("LOADSPEC_CACHE", str(tmp_path / "cache"))
-    site = tmp_path / "site"
-    site.mkdir()
-    monkeypatch.syspath_prepend(str(site))
-    with deferred_imports.cached_package_map():
-        first = importlib.metadata.packages_distributions()
-        again = importlib.metadata.packages_distributions()
-    assert first == again == real() and len(calls) == 1  # the second answer came from the cache file
-    dist = site / "tinypkg-1.0.dist-info"  # "pip install tinypkg" into a folder on sys.path
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tinypkg\nVersion: 1.0\n")
-    (dist / "top_level.txt").write_text("tinypkg\n")
-    os.utime(site, ns=(os.stat(site).st_atime_ns, os.stat(site).st_mtime_ns + 10**9))  # coarse clocks: a distinct mtime
-    with deferred_imports.cached_package_map():
-        after = importlib.metadata.packages_distributions()
-    assert after["tinypkg"] == ["tinypkg"] and len(calls) == 2
-    assert importlib.metadata.packages_distributions is counting  # put back on exit
