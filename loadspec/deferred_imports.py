@@ -35,6 +35,8 @@ def import_model_libraries(*, bitsandbytes: bool) -> None:
             cached_import_structure() if defer else contextlib.nullcontext():
         import transformers.modeling_utils  # noqa: F401
         from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (these import transformers.generation)
+        # every model family's code imports it, and it runs transformers' __init__ once more as a module of its own
+        import transformers.processing_utils  # noqa: F401
     if bitsandbytes:
         with compile_on_first_call() if defer else contextlib.nullcontext():
             import bitsandbytes  # noqa: F401
