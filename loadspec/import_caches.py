@@ -111,11 +111,13 @@ def _remembering(define_import_structure):
     @functools.lru_cache
     def cached(module_path, prefix=None):
         folder = os.path.dirname(module_path) if os.path.isfile(module_path) else str(module_path)
+        try:
+            key = [str(module_path), prefix, _tree_key(folder)]
+        except OSError:  # a file vanished or cannot be read meanwhile: let transformers look for itself
+            return define_import_structure(module_path, prefix)
         where = hashlib.sha256(f"{module_path}\0{prefix}".encode()).hexdigest()[:24]
-        return _remembered(cache_root() / IMPORT_STRUCTURE_FOLDER / f"{where}.json",
-                           [str(module_path), prefix, _tree_key(folder)],
-                           lambda: define_import_structure(module_path, prefix),
-                           _encode_structure, _decode_structure)
+        return _remembered(cache_root() / IMPORT_STRUCTURE_FOLDER / f"{where}.json", key,
+                           lambda: define_import_structure(module_path, prefix), _encode_structure, _decode_structure)
 
     cached.__wrapped__ = define_import_structure
     return cached
@@ -150,8 +152,10 @@ def cached_import_structure():
     patched = []
 
     def patch(module):
-        patched.append((module, module.define_import_structure))
-        module.define_import_structure = _remembering(module.define_import_structure)
+        real = getattr(module, "define_import_structure", None)
+        if callable(real):  # another transformers may not have it: then nothing is kept
+            patched.append((module, real))
+            module.define_import_structure = _remembering(real)
 
     finder = None
     if IMPORT_UTILS not in sys.modules:

@@ -131,3 +131,26 @@ def test_second_fresh_process_does_not_scan_the_model_zoo(tmp_path):
     for result in (first, second, plain):  # names resolve lazily as before, and the original is back after the import
         assert (result["llama"], result["gemma_config"]) == ("LlamaForCausalLM", "GemmaConfig")
         assert result["restored"] == "transformers.utils.import_utils"
+
+
+def test_patch_runs_right_after_the_module_and_only_for_it(tmp_path, monkeypatch):
+    (tmp_path / "watched.py").write_text("def answer():\n    return 41\n")
+    (tmp_path / "other.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("watched", "other"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    seen = []
+
+    def patch(module):
+        seen.append(module.__name__)
+        real = module.answer
+        module.answer = lambda: real() + 1
+
+    finder = import_caches._PatchAfterImport("watched", patch)
+    sys.meta_path.insert(0, finder)
+    try:
+        import other
+        import watched
+    finally:
+        sys.meta_path.remove(finder)
+    assert seen == ["watched"] and watched.answer() == 42 and other.VALUE == 1
