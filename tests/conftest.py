@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny fixed-seed checkpoints for every family, specs written on the fly."""
+"""Shared fixtures: tiny fixed-seed checkpoints for every family, specs written on the fly, fresh interpreters."""
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -77,3 +80,16 @@ def graph_nodes():
             todo.extend(next_node for next_node, _ in node.next_functions)
         return counts
     return count
+
+
+@pytest.fixture
+def fresh_python():
+    """run(code, *args, **env) -> (the dict its `print("RESULT", json.dumps(...))` line carries, its stderr), from a
+    fresh interpreter given `args` and os.environ updated by `env` (None removes a variable); a failure fails the test."""
+    def run(code: str, *args, **env):
+        environ = {key: value for key, value in {**os.environ, **env}.items() if value is not None}
+        out = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=environ, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))[7:]), out.stderr
+    return run

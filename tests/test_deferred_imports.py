@@ -1,6 +1,4 @@
 """Deferred imports: what a load never runs is imported on first use, and behaves exactly as before."""
-import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -84,15 +82,8 @@ print("RESULT", json.dumps(dict(heavy=heavy, error=error, auc_points=len(fpr), t
 """
 
 
-def _probe(**env):
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, **env})
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))[7:])
-
-
-def test_fresh_process_skips_sklearn_and_inductor_but_both_still_work():
-    deferred, eager = _probe(), _probe(LOADSPEC_DEFER_IMPORTS="0")
+def test_fresh_process_skips_sklearn_and_inductor_but_both_still_work(fresh_python):
+    (deferred, _), (eager, _) = fresh_python(PROBE), fresh_python(PROBE, LOADSPEC_DEFER_IMPORTS="0")
     assert deferred["heavy"] == {"sklearn": False, "scipy.optimize": False, "torch._inductor.compile_fx": False}
     assert eager["heavy"] == {"sklearn": True, "scipy.optimize": True, "torch._inductor.compile_fx": True}  # what it saves
     for result in (deferred, eager):  # bitsandbytes' 4-bit round trip and transformers' helpers behave the same

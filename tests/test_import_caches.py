@@ -1,7 +1,6 @@
 """Import caches: transformers' import-time answers are read back when nothing changed, and recomputed when anything did."""
 import json
 import os
-import subprocess
 import sys
 
 import transformers
@@ -116,16 +115,10 @@ print("RESULT", json.dumps(dict(scanned=scanned, llama=transformers.LlamaForCaus
 """
 
 
-def _probe(cache, **env):
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "LOADSPEC_CACHE": str(cache), **env})
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))[7:])
-
-
-def test_second_fresh_process_does_not_scan_the_model_zoo(tmp_path):
-    first, second = _probe(tmp_path / "cache"), _probe(tmp_path / "cache")
-    plain = _probe(tmp_path / "cache", LOADSPEC_DEFER_IMPORTS="0")
+def test_second_fresh_process_does_not_scan_the_model_zoo(tmp_path, fresh_python):
+    cache = str(tmp_path / "cache")
+    (first, _), (second, _) = fresh_python(PROBE, LOADSPEC_CACHE=cache), fresh_python(PROBE, LOADSPEC_CACHE=cache)
+    plain, _ = fresh_python(PROBE, LOADSPEC_CACHE=cache, LOADSPEC_DEFER_IMPORTS="0")
     assert plain["scanned"] > 400 and first["scanned"] > 400  # every model family's folder, at least once
     assert second["scanned"] == 0  # none: both of transformers' calls were answered from the cache
     for result in (first, second, plain):  # names resolve lazily as before, and the original is back after the import

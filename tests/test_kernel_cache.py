@@ -3,10 +3,7 @@ the binaries unpacked into Triton's cache (atomically, never over an entry alrea
 falls back to compiling with a notice. The GPU tests prove the point: no compilation on the first step."""
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -133,18 +130,9 @@ print("RESULT", json.dumps({"variants": len(compiled), "misses": compiled.count(
 """
 
 
-def _first_step(name, cache_dir, triton_dir, **env):
-    run_env = dict(os.environ, TRITON_CACHE_DIR=str(triton_dir), **env)
-    run_env.pop("TRITON_INTERPRET", None)
-    out = subprocess.run([sys.executable, "-c", FIRST_STEP, name, str(cache_dir)], env=run_env, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT"))[7:]), out.stderr
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_gpu_build_ships_kernels_and_first_step_compiles_nothing(checkpoint, write_spec, tmp_path, family):
+def test_gpu_build_ships_kernels_and_first_step_compiles_nothing(checkpoint, write_spec, tmp_path, family, fresh_python):
     spec = write_spec(checkpoint(family), name="kc", load={"quant": "nf4"}, target="auto", train={"kernels": True},
                       lora={"r": 8})
     built = loadspec.build(spec, cache_dir=tmp_path / "cache", progress=False)
@@ -153,10 +141,12 @@ def test_gpu_build_ships_kernels_and_first_step_compiles_nothing(checkpoint, wri
     assert record["compiled"] is True, record
     assert record["gpu"]["capability"] == list(torch.cuda.get_device_capability())
     assert {v["kernel"] for v in record["variants"]} >= {"_rmsnorm_fwd", "_rmsnorm_bwd"}
-    cached, notice = _first_step("kc", tmp_path / "cache", tmp_path / "triton-a")
+    cached, notice = fresh_python(FIRST_STEP, "kc", tmp_path / "cache", TRITON_CACHE_DIR=str(tmp_path / "triton-a"),
+                                  TRITON_INTERPRET=None)
     print("NOTICE", cached, notice[-1500:].replace("\n", " | "))
     assert cached["variants"] > 0 and cached["misses"] == 0, cached
     assert "first step compiles" not in notice
-    uncached, notice = _first_step("kc", tmp_path / "cache", tmp_path / "triton-b", LOADSPEC_KERNEL_CACHE="0")
+    uncached, notice = fresh_python(FIRST_STEP, "kc", tmp_path / "cache", TRITON_CACHE_DIR=str(tmp_path / "triton-b"),
+                                    TRITON_INTERPRET=None, LOADSPEC_KERNEL_CACHE="0")
     assert uncached["misses"] == uncached["variants"] > 0
     assert "not restored ($LOADSPEC_KERNEL_CACHE=0)" in notice
