@@ -191,7 +191,7 @@ def _plan_runs(files: list[Path], place: Callable[[str], torch.device]):
     tensors: list[tuple[Stored, Run | None]] = []
     arena_size: dict[torch.device, int] = defaultdict(int)
     for path in files:
-        for item in sorted(stored_tensors(path, None, place), key=lambda item: (item.start, item.end)):
+        for item in stored_tensors(path, None, place):
             run = None
             if item.device.type != "cpu":
                 last = runs[-1] if runs else None
@@ -286,11 +286,11 @@ class Stored:
 
 
 def stored_tensors(path: Path, names, place: Callable[[str], torch.device]) -> list[Stored]:
-    """The named tensors of one safetensors file (`names` None: all of them), in file order, each bound for the
-    device `place(name)` says."""
+    """The named tensors of one safetensors file (`names` None: all of them), in file order (an empty tensor before
+    one starting at its offset), each bound for the device `place(name)` says."""
     base, header = read_layout(path)
     stored = []
-    for name in sorted(header if names is None else names, key=lambda n: header[n]["data_offsets"][0]):
+    for name in sorted(header if names is None else names, key=lambda n: header[n]["data_offsets"]):
         begin, end = header[name]["data_offsets"]
         stored.append(Stored(name, path, base + begin, base + end, DTYPES[header[name]["dtype"]], tuple(header[name]["shape"]),
                              torch.device(place(name))))
