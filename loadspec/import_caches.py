@@ -105,14 +105,19 @@ def _decode_structure(stored: list) -> dict:
 
 
 def _remembering(define_import_structure):
-    """define_import_structure, answering from the cache when nothing under the folder changed."""
+    """define_import_structure, answering from the cache when nothing under the folder changed (each folder is
+    walked once: transformers asks about its model zoo under two names)."""
     from .store import cache_root
+
+    tree_keys: dict[str, str] = {}
 
     @functools.lru_cache
     def cached(module_path, prefix=None):
         folder = os.path.dirname(module_path) if os.path.isfile(module_path) else str(module_path)
         try:
-            key = [str(module_path), prefix, _tree_key(folder)]
+            if folder not in tree_keys:
+                tree_keys[folder] = _tree_key(folder)
+            key = [str(module_path), prefix, tree_keys[folder]]
         except OSError:  # a file vanished or cannot be read meanwhile: let transformers look for itself
             return define_import_structure(module_path, prefix)
         where = hashlib.sha256(f"{module_path}\0{prefix}".encode()).hexdigest()[:24]
