@@ -163,8 +163,21 @@ print("RESULT", json.dumps(out))
     return _python(code)
 
 
-def run(shape: str, root: Path, reps: int = 2) -> dict:
-    """The whole benchmark; returns every figure (also printed as a table by `report`)."""
+def unsloth_load(anchor: Path, root: Path) -> dict:
+    """Unsloth's `FastLanguageModel.from_pretrained` on the same pre-quantized checkpoint (`root`/nf4), run by the
+    anchor script's own case (`../shared/anchors/unsloth_load.py`) in a fresh process: `load_s` after its imports,
+    `total_s` from the process's start to loaded (no forward), `peak_gib`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("unsloth_load_anchor", anchor)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.run_case("unsloth_prequantized", str(root))
+
+
+def run(shape: str, root: Path, reps: int = 2, unsloth_anchor: Path | None = None) -> dict:
+    """The whole benchmark; returns every figure (also printed as a table by `report`). `unsloth_anchor`: also
+    time Unsloth's load of the same checkpoint through that anchor script, `reps` times."""
     import torch
 
     root.mkdir(parents=True, exist_ok=True)
@@ -186,6 +199,8 @@ def run(shape: str, root: Path, reps: int = 2) -> dict:
         result["loadspec_build_embedding_on_gpu"] = build_artifact(root, "bench_gpu_embedding", "offload_embedding = false\n", force=False)
     fingerprint = Path(result["loadspec_build"].get("artifact", "")).name
     result["cases"] = {name: [time_case(name, root, fingerprint) for _ in range(reps)] for name in CASES}
+    if unsloth_anchor:
+        result["unsloth"] = [unsloth_load(unsloth_anchor, root) for _ in range(reps)]
     result["cache_hit"] = cache_hit(root)
     result["logits"] = compare_logits(root)
     for tag in ("bf16", "nf4"):
@@ -196,21 +211,27 @@ def run(shape: str, root: Path, reps: int = 2) -> dict:
 def report(result: dict) -> str:
     """A table of the best rep of each case, with ratios against transformers."""
     def best(name, key):
-        values = [r[key] for r in result["cases"][name] if key in r]
-        return min(values) if values else float("nan")
+        return min((r[key] for r in result["cases"].get(name, []) if key in r), default=float("nan"))
 
     lines = [f"shape {result['shape']} on {result['gpu']} (torch {result['torch']}); bf16 {result['bf16_gib']:.2f} GiB, nf4 {result['nf4_gib']:.2f} GiB",
              f"{'case':32} {'load call s':>11} {'again s':>8} {'fresh→forward s':>16} {'model GiB':>9} {'of bf16':>8} {'peak GiB':>9} "
              f"{'vs transformers':>16} {'again vs':>9}"]
-    base = best("transformers_prequantized", "load_s") if "transformers_prequantized" in CASES else float("nan")
-    base_again = best("transformers_prequantized", "again_s") if "transformers_prequantized" in CASES else float("nan")
-    for name in CASES:
+    base, base_again = best("transformers_prequantized", "load_s"), best("transformers_prequantized", "again_s")
+    for name in result["cases"]:
         load_s, again_s = best(name, "load_s"), best(name, "again_s")
         model_gib = best(name, "model_gib")
         lines.append(f"{name:32} {load_s:11.3f} {again_s:8.3f} {best(name, 'first_forward_s'):16.2f} {model_gib:9.2f} "
                      f"{model_gib / result['bf16_gib']:8.1%} {best(name, 'peak_gib'):9.2f} {base / load_s:15.1f}x {base_again / again_s:8.1f}x")
+    if "unsloth" in result:
+        unsloth = {key: min((r[key] for r in result["unsloth"] if key in r), default=float("nan")) for key in ("load_s", "total_s", "peak_gib")}
+        lines.append(f"{'unsloth_prequantized (anchor)':32} {unsloth['load_s']:11.3f} {'':8} {unsloth['total_s']:15.2f}* {'':9} {'':8} "
+                     f"{unsloth['peak_gib']:9.2f} {base / unsloth['load_s']:15.1f}x")
+        ours, ours_fresh = best("loadspec", "load_s"), best("loadspec", "first_forward_s")
+        lines.append(f"  * Unsloth's fresh figure stops when the model is loaded, before any forward. loadspec is "
+                     f"{unsloth['load_s'] / ours:.1f}x faster in process, {unsloth['total_s'] / ours_fresh:.1f}x fresh")
+        lines += [f"ERROR unsloth_prequantized: {r['error']}" for r in result["unsloth"] if "error" in r]
     build = result["loadspec_build"]
-    hf_q = best("transformers_quantize_on_load", "load_s") if "transformers_quantize_on_load" in CASES else float("nan")
+    hf_q = best("transformers_quantize_on_load", "load_s")
     lines.append(f"loadspec build (quantize + write), best of {len(result.get('loadspec_builds_s', [1]))}: {build.get('build_s', float('nan')):.2f} s = "
                  f"{build.get('build_s', float('nan')) / hf_q:.2f}x transformers quantize-on-load; peak host RSS {build.get('peak_rss_gib', float('nan')):.2f} GiB")
     hit = result["cache_hit"]
@@ -230,10 +251,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", default=2, type=int)
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), help="only these load cases (default: all)")
+    parser.add_argument("--unsloth-anchor", type=Path, metavar="unsloth_load.py",
+                        help="also time Unsloth's load of the same checkpoint with this anchor script (needs unsloth installed)")
     args = parser.parse_args(argv)
+    if args.unsloth_anchor:
+        import importlib.util
+
+        if not args.unsloth_anchor.is_file():
+            parser.error(f"--unsloth-anchor {args.unsloth_anchor}: no such file (the anchors are in ../shared/anchors/)")
+        if importlib.util.find_spec("unsloth") is None:
+            parser.error("--unsloth-anchor needs unsloth installed in this Python (pip install unsloth)")
     for name in set(CASES) - set(args.cases or CASES):
         del CASES[name]
-    result = run(args.shape, args.root / args.shape, args.reps)
+    result = run(args.shape, args.root / args.shape, args.reps, args.unsloth_anchor)
     print(report(result), flush=True)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
