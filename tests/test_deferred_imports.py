@@ -99,3 +99,54 @@ def test_load_in_fresh_process_does_not_import_sklearn(checkpoint, write_spec, t
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "RESULT False"
+
+
+GC_PROBE = """
+import gc, json, sys
+runs = []
+gc.callbacks.append(lambda phase, info: phase == "start" and runs.append(info["generation"]))
+if sys.argv[1] == "preimported":
+    import transformers.modeling_utils
+if sys.argv[1] == "user_disabled":
+    gc.disable()
+from loadspec.deferred_imports import import_model_libraries
+before = len(runs)
+import_model_libraries(bitsandbytes=True)
+import transformers.modeling_utils as mu
+print("RESULT", json.dumps(dict(
+    collections_during_import=len(runs) - before, enabled=gc.isenabled(), frozen=gc.get_freeze_count(),
+    library_class_collectable=any(o is mu.PreTrainedModel for g in range(3) for o in gc.get_objects(g)))))
+"""
+
+
+def test_fresh_import_runs_no_collection_and_freezes_what_it_made(fresh_python):
+    result, _ = fresh_python(GC_PROBE, "fresh")
+    assert result["collections_during_import"] == 0 and result["enabled"]
+    assert result["frozen"] > 100_000 and not result["library_class_collectable"]  # no later collection walks them
+
+
+def test_already_imported_libraries_are_not_frozen(fresh_python):
+    result, _ = fresh_python(GC_PROBE, "preimported")
+    assert result["frozen"] == 0 and result["library_class_collectable"] and result["enabled"]
+
+
+def test_collection_the_user_turned_off_stays_off(fresh_python):
+    result, _ = fresh_python(GC_PROBE, "user_disabled")
+    assert not result["enabled"] and result["collections_during_import"] == 0
+
+
+def test_no_pause_or_freeze_when_deferring_is_off(fresh_python):
+    result, _ = fresh_python(GC_PROBE, "fresh", LOADSPEC_DEFER_IMPORTS="0")
+    assert result["frozen"] == 0 and result["collections_during_import"] > 0
+
+
+def test_failed_import_turns_collection_back_on_and_freezes_nothing():
+    import gc
+
+    try:
+        with deferred_imports.collection_paused(freeze=True):
+            assert not gc.isenabled()
+            raise ImportError("no module named transformers")
+    except ImportError:
+        pass
+    assert gc.isenabled() and gc.get_freeze_count() == 0
