@@ -125,9 +125,12 @@ def build_artifact(root: Path, name: str = "bench", extra: str = "", force: bool
 
 
 def prequantize_with_transformers(root: Path) -> dict:
-    code = ("import time, json, torch; from transformers import AutoModelForCausalLM, BitsAndBytesConfig; t=time.perf_counter(); "
+    """`root`/nf4: the bf16 checkpoint quantized and saved by transformers, with its tokenizer (as users get one)."""
+    code = ("import time, json, torch; from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig; t=time.perf_counter(); "
             f"m=AutoModelForCausalLM.from_pretrained({str(root / 'bf16')!r}, quantization_config={NF4}, dtype=torch.bfloat16, device_map='cuda'); "
-            f"m.save_pretrained({str(root / 'nf4')!r}); print('RESULT', json.dumps(dict(seconds=time.perf_counter()-t)))")
+            f"m.save_pretrained({str(root / 'nf4')!r}); seconds=time.perf_counter()-t; "
+            f"AutoTokenizer.from_pretrained({str(root / 'bf16')!r}).save_pretrained({str(root / 'nf4')!r}); "
+            "print('RESULT', json.dumps(dict(seconds=seconds)))")
     return _python(code)
 
 
