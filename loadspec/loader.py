@@ -114,14 +114,16 @@ def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = Non
     from concurrent.futures import Future, ThreadPoolExecutor
 
     device_map = device_map or plan.device_map
-    # While transformers and bitsandbytes are imported and the skeleton is built (seconds in a fresh process),
-    # the reading thread gets ready: headers, the GPU arena, pinned buffers, CUDA's start. It reads once the
-    # skeleton is built: its threads and the skeleton would each slow the other down, taking turns at Python's
-    # lock (an 8B skeleton took 0.03 s alone on the H100 machine, 0.25-0.3 s beside 12 readers).
-    skeleton_built: Future = Future()  # True: read now; False: the skeleton failed, read nothing
+    # While transformers and bitsandbytes are imported, the skeleton is built and the tokenizer read (seconds in a
+    # fresh process), the reading thread gets ready: headers, the GPU arena, pinned buffers, CUDA's start. It reads
+    # once they are done. Beside it, Python work is slowed and slows it: its 12 threads each need Python's lock
+    # briefly per chunk, and a thread holding it stalls them all (an 8B skeleton took 0.03 s alone on the H100
+    # machine, 0.25-0.3 s beside the readers; a 49k-token tokenizer, which holds the lock for 0.1 s at a time while
+    # `tokenizers` parses it, took an 8B read from 0.13 s to 0.35-0.4 s).
+    python_done: Future = Future()  # True: read now; False: the skeleton or the tokenizer failed, read nothing
     devices, dtype = {torch.device(d) for d in device_map.values()}, getattr(torch, plan.dtype)
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        stored = pool.submit(_read, folder, plan, device_map, skeleton_built)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        stored = pool.submit(_read, folder, plan, device_map, python_done)
         # cuBLAS starts beside the imports when there are any (seconds in a fresh process); otherwise beside the read:
         # beside the skeleton, it slowed the skeleton down (a first in-process load's skeleton took 0.14 s, not 0.06)
         gpus_ready = None if "transformers.modeling_utils" in sys.modules else pool.submit(_start_gpu_libraries, devices, dtype)
@@ -133,19 +135,17 @@ def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = Non
                 import_model_libraries(bitsandbytes=plan.quant["method"] in ("nf4", "fp4", "int8") and bool(plan.quantized))
             with phase("skeleton"):
                 model = _skeleton(folder, plan)
+            with phase("tokenizer"):
+                tokenizer = _tokenizer(folder, plan)
         except BaseException:
-            skeleton_built.set_result(False)
+            python_done.set_result(False)
             raise
-        skeleton_built.set_result(True)
-        # the tokenizer (Python work, mostly) is read while the weights are: beside the skeleton, each slowed the other
-        tokenizer = pool.submit(_tokenizer, folder, plan)
+        python_done.set_result(True)
         gpus_ready = gpus_ready or pool.submit(_start_gpu_libraries, devices, dtype)
         with phase("weights"):
             weights = stored.result()
         with phase("assign"):
             _assign(model, weights, folder, plan)
-        with phase("tokenizer (waiting)"):
-            tokenizer = tokenizer.result()
         gpus_ready.result()
     _place_buffers(model, device_map)
     if "cpu" in device_map.values() and len(set(device_map.values())) > 1:
@@ -278,10 +278,10 @@ def _device_for(name: str, device_map: dict) -> torch.device:
 
 
 def _tokenizer(folder: Path, plan: LoadPlan):
-    from transformers import AutoTokenizer
+    from .tokenizer_open import open_saved_tokenizer
 
     # the source's own Python code runs only when the spec allowed it (recorded in the plan)
-    return AutoTokenizer.from_pretrained(folder, trust_remote_code=bool(plan.source.get("trust_remote_code", False)))
+    return open_saved_tokenizer(folder, trust_remote_code=bool(plan.source.get("trust_remote_code", False)))
 
 
 def _read(folder: Path, plan: LoadPlan, device_map: dict, go=None) -> dict[str, torch.Tensor]:

@@ -13,5 +13,5 @@ def test_a_load_logs_its_phases_at_debug(checkpoint, write_spec, tmp_path, caplo
     with caplog.at_level(logging.DEBUG, logger="loadspec"):
         loadspec.load("traced", cache_dir=tmp_path)
     phases = [r.getMessage().split(":")[0].removeprefix("load phase ") for r in caplog.records if "load phase" in r.getMessage()]
-    assert phases[:3] == ["imports", "skeleton", "weights"]
+    assert phases[:4] == ["imports", "skeleton", "tokenizer", "weights"]
     assert "adapter and checkpointing" in phases
