@@ -119,7 +119,7 @@ def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = Non
     # once they are done. Beside it, Python work is slowed and slows it: its 12 threads each need Python's lock
     # briefly per chunk, and a thread holding it stalls them all (an 8B skeleton took 0.03 s alone on the H100
     # machine, 0.25-0.3 s beside the readers; a 49k-token tokenizer, which holds the lock for 0.1 s at a time while
-    # `tokenizers` parses it, took an 8B read from 0.11-0.19 s to 0.47-0.84 s).
+    # `tokenizers` parses it, took an 8B read from 0.11-0.25 s to 0.47-0.88 s).
     python_done: Future = Future()  # True: read now; False: the skeleton or the tokenizer failed, read nothing
     devices, dtype = {torch.device(d) for d in device_map.values()}, getattr(torch, plan.dtype)
     with ThreadPoolExecutor(max_workers=2) as pool:
