@@ -213,8 +213,11 @@ def run(shape: str, root: Path, reps: int = 2, unsloth_anchor: Path | None = Non
 
 def report(result: dict) -> str:
     """A table of the best rep of each case, with ratios against transformers."""
+    def fastest(reps, key):
+        return min((r[key] for r in reps if key in r), default=float("nan"))
+
     def best(name, key):
-        return min((r[key] for r in result["cases"].get(name, []) if key in r), default=float("nan"))
+        return fastest(result["cases"].get(name, []), key)
 
     lines = [f"shape {result['shape']} on {result['gpu']} (torch {result['torch']}); bf16 {result['bf16_gib']:.2f} GiB, nf4 {result['nf4_gib']:.2f} GiB",
              f"{'case':32} {'load call s':>11} {'again s':>8} {'fresh→forward s':>16} {'model GiB':>9} {'of bf16':>8} {'peak GiB':>9} "
@@ -226,7 +229,7 @@ def report(result: dict) -> str:
         lines.append(f"{name:32} {load_s:11.3f} {again_s:8.3f} {best(name, 'first_forward_s'):16.2f} {model_gib:9.2f} "
                      f"{model_gib / result['bf16_gib']:8.1%} {best(name, 'peak_gib'):9.2f} {base / load_s:15.1f}x {base_again / again_s:8.1f}x")
     if "unsloth" in result:
-        unsloth = {key: min((r[key] for r in result["unsloth"] if key in r), default=float("nan")) for key in ("load_s", "total_s", "peak_gib")}
+        unsloth = {key: fastest(result["unsloth"], key) for key in ("load_s", "total_s", "peak_gib")}
         lines.append(f"{'unsloth_prequantized (anchor)':32} {unsloth['load_s']:11.3f} {'':8} {unsloth['total_s']:15.2f}* {'':9} {'':8} "
                      f"{unsloth['peak_gib']:9.2f} {base / unsloth['load_s']:15.1f}x")
         ours, ours_fresh = best("loadspec", "load_s"), best("loadspec", "first_forward_s")
