@@ -422,6 +422,10 @@ class _Index:
             raise LoadspecError(f"cannot use the cache index {self._path}: {why}. "
                                 + ("Free some space there" if full else "Fix the cache directory's permissions (or mount)")
                                 + ", or pick another cache with --cache-dir or $LOADSPEC_CACHE.") from None
+        except sqlite3.DatabaseError as exc:  # not a database any more: a power cut while it was written, or overwritten
+            raise LoadspecError(f"the cache index {self._path} is damaged ({exc}); the artifacts beside it are not. Move it "
+                                f"away (mv {self._path} {self._path}.damaged), then run 'loadspec build SPEC' for each name you "
+                                "use: each is a cache hit that reads no weights.") from None
 
     def __getattr__(self, name):
         attr = getattr(self._cache, name)
@@ -441,11 +445,17 @@ class _Index:
 
 
 def _open_index(path: Path):
-    """The diskcache index at `path`, opened once per process (opening costs ~15 ms)."""
+    """The diskcache index at `path`, opened once per process (opening costs ~15 ms).
+
+    SQLite never waits for the disk here (`synchronous` off): with it on, opening the index and recording a use
+    each wait for an fsync, which on a disk busy writing something else (a checkpoint being saved, a build) took
+    a load 1.6 s on the H100 machine instead of 10 ms. The index holds only names and bookkeeping over the
+    artifacts, which are fsynced before they are committed: a power cut can lose its last changes (a name is
+    back with one `loadspec build`, a cache hit) or damage it, which every command then reports with the fix."""
     if path not in _indexes:
         import diskcache
 
-        _indexes[path] = diskcache.Cache(str(path))
+        _indexes[path] = diskcache.Cache(str(path), sqlite_synchronous=0)
     return _indexes[path]
 
 

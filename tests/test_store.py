@@ -92,3 +92,47 @@ def test_gc_spares_a_build_in_progress(tmp_path):
         with store.staging("7" * 24) as folder:
             assert store.gc() == []
             assert folder.exists()
+
+
+def test_a_load_waits_for_no_disk_write(checkpoint, write_spec, tmp_path):
+    """Opening the index and recording the use ask the disk for nothing (no fsync): on a disk busy with other
+    writes, each fsync can take a second. Also for an index an older loadspec made with SQLite's syncing on."""
+    import shutil
+    import subprocess
+    import sys
+
+    import diskcache
+
+    import loadspec
+    from loadspec import store as stores
+
+    if shutil.which("strace") is None or subprocess.run(["strace", "-o", "/dev/null", "true"]).returncode != 0:
+        pytest.skip("strace cannot trace processes here")
+    cache = tmp_path / "cache"
+    loadspec.build(write_spec(checkpoint("llama")), cache_dir=cache, progress=False)
+    stores._indexes.pop((cache / "index").resolve(), None).close()
+    with diskcache.Cache(str(cache / "index")) as old:  # as an older loadspec left it
+        old.reset("sqlite_synchronous", 1)
+    trace = tmp_path / "syncs.txt"
+    code = f"import loadspec; model, tokenizer = loadspec.load('tiny', cache_dir={str(cache)!r}); print(type(model).__name__)"
+    done = subprocess.run(["strace", "-f", "-qq", "-e", "trace=fsync,fdatasync,syncfs,sync_file_range", "-o", str(trace),
+                           sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "LlamaForCausalLM" in done.stdout, done.stderr[-2000:]
+    assert [line for line in trace.read_text().splitlines() if "sync" in line] == []
+    assert Store(cache).ref("tiny") is not None  # and the index still works for everything else
+
+
+def test_a_damaged_index_is_reported_with_the_fix(tmp_path):
+    from loadspec import store as stores
+    from loadspec.errors import LoadspecError
+
+    store = Store(tmp_path)
+    store.index["ref:x"] = {"fingerprint": "a" * 24}
+    stores._indexes.pop(store.root / "index").close()
+    (store.root / "index" / "cache.db").write_bytes(b"not a database " * 512)
+    for name in ("cache.db-wal", "cache.db-shm"):
+        (store.root / "index" / name).unlink(missing_ok=True)
+    with pytest.raises(LoadspecError, match="is damaged") as caught:
+        Store(tmp_path).ref("x")
+    assert str(store.root / "index") in str(caught.value) and "loadspec build" in str(caught.value)
+    assert "artifacts beside it are not" in str(caught.value)
