@@ -302,54 +302,85 @@ def _read(folder: Path, plan: LoadPlan, device_map: dict, go=None) -> dict[str, 
 
 
 def _assign(model: nn.Module, stored: dict[str, torch.Tensor], folder: Path, plan: LoadPlan) -> None:
-    """Put each stored tensor in its parameter's place; 4-bit weights become Params4bit."""
-    quantized = set(plan.quantized)
-    for name, param in list(model.named_parameters()):
-        if not param.is_meta or name not in stored:
-            continue  # tied to another parameter: re-tied below
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        if module_name in quantized and attr != "bias" and plan.quant["method"] == "fp8":
-            module._parameters[attr] = nn.Parameter(stored[name], requires_grad=False)  # fp8 codes and their scales
-        elif module_name in quantized and attr == "weight" and plan.quant["method"] == "int8":
-            module.weight = _int8_params(name, stored)
-        elif module_name in quantized and attr == "weight":
-            module.weight = _params4bit(name, stored, module, plan.quant["method"])
-        else:
-            tensor = stored[name]
-            module._parameters[attr] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+    """Put each stored tensor in its parameter's place; 4-bit weights become Params4bit. Parameters are set in
+    their modules' dicts, one walk over the modules (an 8B model has ~300: the per-parameter lookups and
+    attribute hooks were a third of this step)."""
+    quantized, method = set(plan.quantized), plan.quant["method"]
+    unfilled, four_bit = [], []  # (module, attribute, name) of parameters not stored (tied ones), of 4-bit weights
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for attr, param in list(module._parameters.items()):
+            name = prefix + attr
+            if param is None or not param.is_meta:
+                continue
+            if name not in stored:
+                unfilled.append((module, attr, name))  # tied to another parameter: re-tied below
+            elif module_name in quantized and attr != "bias" and method == "fp8":
+                module._parameters[attr] = nn.Parameter(stored[name], requires_grad=False)  # fp8 codes and their scales
+            elif module_name in quantized and attr == "weight" and method == "int8":
+                module._parameters[attr] = _int8_params(name, stored)
+            elif module_name in quantized and attr == "weight":
+                four_bit.append((module, attr, name))
+            else:
+                tensor = stored[name]
+                module._parameters[attr] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+    for (module, attr, _), params in zip(four_bit, _params4bit([(module, name) for module, _, name in four_bit], stored, method)):
+        module.quant_state = params.quant_state
+        module._parameters[attr] = params
     model.tie_weights()
-    still_empty = [name for name, p in model.named_parameters() if p.is_meta]
+    still_empty = [name for module, attr, name in unfilled if module._parameters[attr].is_meta]
     if still_empty:
         raise LoadspecError(f"artifact {folder.name} lacks {len(still_empty)} tensor(s), e.g. {still_empty[:3]}. "
                             "Rebuild it with 'loadspec build SPEC --force'.")
 
 
-def _params4bit(name: str, stored: dict, module: nn.Module, method: str):
-    """A bitsandbytes Params4bit with its QuantState, built from the stored tensors (no re-quantization)."""
+def _params4bit(weights: list[tuple[nn.Module, str]], stored: dict, method: str) -> list:
+    """A bitsandbytes Params4bit with its QuantState for each (module, weight name), built from the stored tensors (no
+    re-quantization). The double-quantization offsets of all of them reach each GPU in one copy, not one each."""
     import bitsandbytes as bnb
     from bitsandbytes.functional import QuantState
 
-    packed = stored[name]
-    try:
-        meta = json.loads(bytes(stored[f"{name}.quant_state.bitsandbytes__{method}"].numpy()))
-        nested, offset = None, None
-        if f"{name}.nested_absmax" in stored:
-            nested = QuantState(absmax=stored[f"{name}.nested_absmax"], code=stored[f"{name}.nested_quant_map"],
-                                blocksize=meta["nested_blocksize"], dtype=getattr(torch, meta["nested_dtype"]))
-            offset = torch.tensor(float(meta["nested_offset"]), device=packed.device)
-        state = QuantState(absmax=stored[f"{name}.absmax"], shape=torch.Size(meta["shape"]), code=stored[f"{name}.quant_map"],
-                           blocksize=meta["blocksize"], quant_type=meta["quant_type"], dtype=getattr(torch, meta["dtype"]),
-                           offset=offset, state2=nested)
-    except (KeyError, ValueError) as exc:
-        raise LoadspecError(f"4-bit weight {name}: its quantization state is incomplete or unreadable ({exc!r}). "
-                            "Rebuild the artifact with 'loadspec build SPEC --force'.") from None
-    if state.shape.numel() > 2 * packed.numel():
-        raise LoadspecError(f"4-bit weight {name}: {packed.numel()} packed bytes cannot hold shape {tuple(state.shape)}.")
-    module.quant_state = state
-    return bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=state.blocksize,
-                             compress_statistics=nested is not None, quant_type=state.quant_type,
-                             quant_storage=packed.dtype, module=module, bnb_quantized=True)
+    names = [name for _, name in weights]
+    metas = []
+    for name in names:
+        try:
+            metas.append(json.loads(bytes(stored[f"{name}.quant_state.bitsandbytes__{method}"].numpy())))
+        except (KeyError, ValueError) as exc:
+            raise _incomplete_state(name, exc) from None
+    nested = [f"{name}.nested_absmax" in stored for name in names]
+    offsets: dict[torch.device, list] = {}
+    for name, meta, has_nested in zip(names, metas, nested):
+        if has_nested:
+            try:
+                offsets.setdefault(stored[name].device, []).append(float(meta["nested_offset"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise _incomplete_state(name, exc) from None
+    on_device = {device: iter(torch.tensor(values, device=device)) for device, values in offsets.items()}
+    result = []
+    for (module, name), meta, has_nested in zip(weights, metas, nested):
+        packed = stored[name]
+        try:
+            inner, offset = None, None
+            if has_nested:
+                inner = QuantState(absmax=stored[f"{name}.nested_absmax"], code=stored[f"{name}.nested_quant_map"],
+                                   blocksize=meta["nested_blocksize"], dtype=getattr(torch, meta["nested_dtype"]))
+                offset = next(on_device[packed.device])
+            state = QuantState(absmax=stored[f"{name}.absmax"], shape=torch.Size(meta["shape"]), code=stored[f"{name}.quant_map"],
+                               blocksize=meta["blocksize"], quant_type=meta["quant_type"], dtype=getattr(torch, meta["dtype"]),
+                               offset=offset, state2=inner)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise _incomplete_state(name, exc) from None
+        if state.shape.numel() > 2 * packed.numel():
+            raise LoadspecError(f"4-bit weight {name}: {packed.numel()} packed bytes cannot hold shape {tuple(state.shape)}.")
+        result.append(bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=state.blocksize,
+                                        compress_statistics=inner is not None, quant_type=state.quant_type,
+                                        quant_storage=packed.dtype, module=module, bnb_quantized=True))
+    return result
+
+
+def _incomplete_state(name: str, exc: Exception) -> LoadspecError:
+    return LoadspecError(f"4-bit weight {name}: its quantization state is incomplete or unreadable ({exc!r}). "
+                         "Rebuild the artifact with 'loadspec build SPEC --force'.")
 
 
 def _int8_params(name: str, stored: dict):
