@@ -195,7 +195,7 @@ def _plan_runs(files: list[Path], place: Callable[[str], torch.device]):
             run = None
             if item.device.type != "cpu":
                 last = runs[-1] if runs else None
-                if (last is None or last.path != path or last.device != item.device or not 0 <= item.start - last.end <= RIDE_ALONG_BYTES
+                if (last is None or last.path is not path or last.device != item.device or not 0 <= item.start - last.end <= RIDE_ALONG_BYTES
                         or (last.offset + item.start - last.start) % ALIGN):  # GPU kernels may load 16 bytes at once
                     runs.append(Run(path, item.start, item.start, item.device, -(-arena_size[item.device] // ALIGN) * ALIGN))
                 run = runs[-1]
