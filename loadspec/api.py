@@ -28,6 +28,7 @@ class Planned:
     spec: Spec
     source: sources.Source
     plan: LoadPlan
+    skeleton: arch.Skeleton  # the model's parameter and module names, which the build writes
 
 
 @attrs.frozen
@@ -51,7 +52,8 @@ def plan_spec(spec_path: str | Path, *, target: str | None = None, store: Store 
         raise UsageError(str(exc)) from None
     check_adapter_path(spec)
     src = with_vocabulary(spec, sources.resolve(spec.model))  # reads the tokenizer only if [tokenizer] adds tokens or resizes
-    return Planned(spec, src, resolve(spec, machine, src, _skeleton(src.config, store)))
+    skeleton = _skeleton(src.config, store)
+    return Planned(spec, src, resolve(spec, machine, src, skeleton), skeleton)
 
 
 def _skeleton(config: dict, store: Store | None) -> arch.Skeleton:
@@ -86,7 +88,7 @@ def build(spec_path: str | Path, *, cache_dir: str | Path | None = None, target:
             if force or not store.has(fingerprint):
                 with store.staging(fingerprint) as staged:
                     _log_build(fingerprint, staged)
-                    write_artifact(plan, planned.source, staged, progress=progress)
+                    write_artifact(plan, planned.source, planned.skeleton, staged, progress=progress)
                     store.commit(staged, fingerprint, replace=force)  # readers see the old artifact or the new one
             else:
                 cached = True

@@ -76,7 +76,7 @@ def test_a_build_stopped_half_way_leaves_no_shard(stop, checkpoint, write_spec, 
     folder = tmp_path / "staged"
     folder.mkdir()
     with pytest.raises(stop):
-        builder.write_artifact(planned.plan, planned.source, folder, progress=False)
+        builder.write_artifact(planned.plan, planned.source, planned.skeleton, folder, progress=False)
     assert not [p.name for p in folder.iterdir() if p.name.startswith(("model", ".shard"))]
 
 
