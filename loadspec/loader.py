@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from . import arch
 from .deferred_imports import import_model_libraries
@@ -122,11 +124,13 @@ def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = Non
     # `tokenizers` parses it, took an 8B read from 0.11-0.25 s to 0.47-0.88 s).
     python_done: Future = Future()  # True: read now; False: the skeleton or the tokenizer failed, read nothing
     devices, dtype = {torch.device(d) for d in device_map.values()}, getattr(torch, plan.dtype)
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=1) as pool:
         stored = pool.submit(_read, folder, plan, device_map, python_done)
         # cuBLAS starts beside the imports when there are any (seconds in a fresh process); otherwise beside the read:
         # beside the skeleton, it slowed the skeleton down (a first in-process load's skeleton took 0.14 s, not 0.06)
-        gpus_ready = None if "transformers.modeling_utils" in sys.modules else pool.submit(_start_gpu_libraries, devices, dtype)
+        beside_imports = "transformers.modeling_utils" not in sys.modules
+        if beside_imports:
+            _warm_gpu_libraries(devices, dtype)
         try:
             # transformers' lazy module is not safe to import from two threads at once in a fresh process (an
             # intermittent "cannot import name AutoModelForCausalLM"): the model classes and AutoTokenizer are
@@ -141,12 +145,12 @@ def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = Non
             python_done.set_result(False)
             raise
         python_done.set_result(True)
-        gpus_ready = gpus_ready or pool.submit(_start_gpu_libraries, devices, dtype)
+        if not beside_imports:
+            _warm_gpu_libraries(devices, dtype)
         with phase("weights"):
             weights = stored.result()
         with phase("assign"):
             _assign(model, weights, folder, plan)
-        gpus_ready.result()
     _place_buffers(model, device_map)
     if "cpu" in device_map.values() and len(set(device_map.values())) > 1:
         _run_on_cpu(model, device_map)  # offload_embedding: the plan keeps one GPU beside it
@@ -158,15 +162,24 @@ def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = Non
     return model, tokenizer
 
 
-def _start_gpu_libraries(devices: set[torch.device], dtype: torch.dtype) -> None:
-    """One small matrix product on each GPU: cuBLAS starts (library, handle, workspace) while the main thread
-    imports or the weights are read, instead of in the first forward (0.1-0.2 s of a fresh process's first
-    forward on the H100 machine)."""
-    for device in devices:
-        if device.type == "cuda":
-            square = torch.ones(64, 64, dtype=dtype, device=device)
-            square @ square
-            torch.cuda.synchronize(device)
+def _warm_gpu_libraries(devices: set[torch.device], dtype: torch.dtype) -> None:
+    """One small matrix product on each GPU, on a thread of its own: cuBLAS starts (library, handle, workspace)
+    while the main thread imports or the weights are read, instead of in the first forward (0.1-0.2 s of a fresh
+    process's first forward on the H100 machine). The load does not wait for it: it is the first forward's
+    work done early (0.13-0.15 s in a process's first load, as long as the read), and that forward waits for
+    whatever is left. Not a daemon: the interpreter lets it finish before it exits."""
+    def start() -> None:
+        try:
+            for device in devices:
+                if device.type == "cuda":
+                    square = torch.ones(64, 64, dtype=dtype, device=device)
+                    square @ square
+                    torch.cuda.synchronize(device)
+        except Exception:  # nothing lost: the first forward starts cuBLAS itself and reports what goes wrong
+            pass
+
+    if any(device.type == "cuda" for device in devices):
+        threading.Thread(target=start, name="loadspec-gpu-warm-up").start()
 
 
 @contextlib.contextmanager
@@ -182,9 +195,22 @@ def _parameters_on_meta():
 
     nn.Module.register_parameter = on_meta
     try:
-        yield
+        with _EmptyOnMeta():
+            yield
     finally:
         nn.Module.register_parameter = register
+
+
+class _EmptyOnMeta(TorchFunctionMode):
+    """In this thread only, `torch.empty` with no device makes a meta tensor. nn.Linear and nn.Embedding make their
+    weights with it, so they are never allocated: an 8B skeleton otherwise maps and unmaps 226 buffers of up to
+    117 MB, and an unmap in a process whose reading threads are running costs every core they ran on."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.empty and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
 
 
 def _skeleton(folder: Path, plan: LoadPlan) -> nn.Module:

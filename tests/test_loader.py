@@ -83,3 +83,37 @@ def test_a_damaged_artifact_is_refused_with_the_way_back(nf4_artifact, tmp_path,
     with pytest.raises(LoadspecError, match=message) as caught:
         loader.load_artifact(folder, plan)
     assert "loadspec build SPEC --force" in str(caught.value)
+
+
+def test_gpu_warm_up_that_fails_is_silent_and_leaves_nothing_running(monkeypatch):
+    """The cuBLAS warm-up runs beside the load and is not waited for; if it cannot run, it says nothing (the first
+    forward reports the real error) and its thread ends."""
+    import threading
+
+    hooked = []
+    monkeypatch.setattr(threading, "excepthook", hooked.append)
+    monkeypatch.setattr(torch, "ones", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("no CUDA here")))
+    loader._warm_gpu_libraries({torch.device("cuda:0")}, torch.bfloat16)
+    warm = [t for t in threading.enumerate() if t.name == "loadspec-gpu-warm-up"]
+    for thread in warm:
+        thread.join(timeout=30)
+    assert hooked == [] and not any(t.is_alive() for t in warm)
+    loader._warm_gpu_libraries({torch.device("cpu")}, torch.bfloat16)  # nothing to warm: no thread at all
+    assert not [t for t in threading.enumerate() if t.name == "loadspec-gpu-warm-up"]
+
+
+@pytest.mark.gpu
+def test_gpu_a_script_that_exits_right_after_loading_exits_cleanly(checkpoint, write_spec, tmp_path, fresh_python):
+    """The load returns before its cuBLAS warm-up ends; the interpreter waits for it at exit (no crash, no noise),
+    and a forward straight after the load works."""
+    import loadspec
+
+    spec = write_spec(checkpoint("llama"), name="warm", target="auto", load={"quant": "nf4"})
+    loadspec.build(spec, cache_dir=tmp_path, progress=False)
+    for forward in ("", "model(torch.tensor([[1, 2, 3]], device='cuda'));"):
+        result, stderr = fresh_python(
+            "import json, torch, transformers.modeling_utils, loadspec; "
+            f"model, tok = loadspec.load('warm', cache_dir={str(tmp_path)!r}); {forward} "
+            "print('RESULT', json.dumps({'loaded': type(model).__name__}))")
+        assert result == {"loaded": "LlamaForCausalLM"}
+        assert "Traceback" not in stderr and "Error" not in stderr, stderr
