@@ -129,8 +129,8 @@ def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = Non
         # cuBLAS starts beside the imports when there are any (seconds in a fresh process); otherwise beside the read:
         # beside the skeleton, it slowed the skeleton down (a first in-process load's skeleton took 0.14 s, not 0.06)
         beside_imports = "transformers.modeling_utils" not in sys.modules
-        if beside_imports:
-            _warm_gpu_libraries(devices, dtype)
+        if beside_imports:  # and then the decoder's kernels, which load with Python's lock released
+            _warm_gpu_libraries(devices, dtype, _head_dim(folder))
         try:
             # transformers' lazy module is not safe to import from two threads at once in a fresh process (an
             # intermittent "cannot import name AutoModelForCausalLM"): the model classes and AutoTokenizer are
@@ -162,11 +162,13 @@ def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = Non
     return model, tokenizer
 
 
-def _warm_gpu_libraries(devices: set[torch.device], dtype: torch.dtype) -> None:
-    """One small matrix product on each GPU, on a thread of its own: cuBLAS starts (library, handle, workspace)
-    while the main thread imports or the weights are read, instead of in the first forward (0.1-0.2 s of a fresh
-    process's first forward on the H100 machine). The load does not wait for it: it is the first forward's
-    work done early (0.13-0.15 s in a process's first load, as long as the read), and that forward waits for
+def _warm_gpu_libraries(devices: set[torch.device], dtype: torch.dtype, head_dim: int | None = None) -> None:
+    """Start, on each GPU and on a thread of its own, what a first forward would: cuBLAS (library, handle,
+    workspace; 0.1-0.2 s of a fresh process's first forward on the H100 machine) and, with `head_dim`, the
+    kernels of a decoder layer (CUDA loads each kernel's code at its first launch). Meant to run while the main
+    thread imports (seconds in a fresh process: the kernels load with Python's lock released) or the weights
+    are read. The load does not wait for it: it is the first forward's work done early (the cuBLAS start
+    alone took 0.13-0.15 s in a process's first in-process load, as long as the read), and that forward waits for
     whatever is left. Not a daemon: the interpreter lets it finish before it exits."""
     def start() -> None:
         try:
@@ -174,12 +176,40 @@ def _warm_gpu_libraries(devices: set[torch.device], dtype: torch.dtype) -> None:
                 if device.type == "cuda":
                     square = torch.ones(64, 64, dtype=dtype, device=device)
                     square @ square
+                    if head_dim:
+                        _decoder_kernels(device, dtype, head_dim)
                     torch.cuda.synchronize(device)
-        except Exception:  # nothing lost: the first forward starts cuBLAS itself and reports what goes wrong
+        except Exception:  # nothing lost: the first forward starts them itself and reports what goes wrong
             pass
 
     if any(device.type == "cuda" for device in devices):
         threading.Thread(target=start, name="loadspec-gpu-warm-up").start()
+
+
+def _head_dim(folder: Path) -> int | None:
+    """The attention head size the artifact's config gives (None when it names none we know)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
+def _decoder_kernels(device: torch.device, dtype: torch.dtype, head_dim: int) -> None:
+    """Launch, on tiny inputs, the kernels a decoder layer's forward does: RMSNorm in float32, the rotary
+    embedding, causal attention for this head size, SiLU gating, the cast of the logits to float32."""
+    import torch.nn.functional as F
+
+    hidden = torch.ones(1, 4, 2 * head_dim, dtype=dtype, device=device)
+    variance = hidden.float().pow(2).mean(-1, keepdim=True)
+    hidden = (hidden.float() * torch.rsqrt(variance + 1e-6)).to(dtype) * hidden
+    query = hidden.view(1, 4, 2, head_dim).transpose(1, 2)
+    half = head_dim // 2
+    rotated = torch.cat((-query[..., half:], query[..., :half]), dim=-1)
+    query = query * torch.ones_like(query) + rotated * torch.zeros_like(query)
+    attended = F.scaled_dot_product_attention(query, query, query, is_causal=True)
+    gated = F.silu(attended) * attended
+    gated.float()
 
 
 @contextlib.contextmanager
