@@ -448,8 +448,8 @@ def _open_index(path: Path):
     """The diskcache index at `path`, opened once per process (opening costs ~15 ms).
 
     SQLite never waits for the disk here (`synchronous` off): with it on, opening the index and recording a use
-    each wait for an fsync, which on a disk busy writing something else (a checkpoint being saved, a build) took
-    a load 1.6 s on the H100 machine instead of 10 ms. The index holds only names and bookkeeping over the
+    made a load wait for six fdatasyncs, which take as long as the disk is busy with other writes (one load
+    spent 1.6 s in those two steps on an H100 lease, against ~10 ms). The index holds only names and bookkeeping over the
     artifacts, which are fsynced before they are committed: a power cut can lose its last changes (a name is
     back with one `loadspec build`, a cache hit) or damage it, which every command then reports with the fix."""
     if path not in _indexes:
