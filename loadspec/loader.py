@@ -124,13 +124,14 @@ def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = Non
     # `tokenizers` parses it, took an 8B read from 0.11-0.25 s to 0.47-0.88 s).
     python_done: Future = Future()  # True: read now; False: the skeleton or the tokenizer failed, read nothing
     devices, dtype = {torch.device(d) for d in device_map.values()}, getattr(torch, plan.dtype)
+    config = json.loads((folder / "config.json").read_text())
     with ThreadPoolExecutor(max_workers=1) as pool:
         stored = pool.submit(_read, folder, plan, device_map, python_done)
         # cuBLAS starts beside the imports when there are any (seconds in a fresh process); otherwise beside the read:
         # beside the skeleton, it slowed the skeleton down (a first in-process load's skeleton took 0.14 s, not 0.06)
         beside_imports = "transformers.modeling_utils" not in sys.modules
         if beside_imports:  # and then the decoder's kernels, which load with Python's lock released
-            _warm_gpu_libraries(devices, dtype, _head_dim(folder))
+            _warm_gpu_libraries(devices, dtype, _head_dim(config))
         try:
             # transformers' lazy module is not safe to import from two threads at once in a fresh process (an
             # intermittent "cannot import name AutoModelForCausalLM"): the model classes and AutoTokenizer are
@@ -138,7 +139,7 @@ def load_artifact(folder: Path, plan: LoadPlan, *, device_map: dict | None = Non
             with phase("imports"):
                 import_model_libraries(bitsandbytes=plan.quant["method"] in ("nf4", "fp4", "int8") and bool(plan.quantized))
             with phase("skeleton"):
-                model = _skeleton(folder, plan)
+                model = _skeleton(folder, plan, config)
             with phase("tokenizer"):
                 tokenizer = _tokenizer(folder, plan)
         except BaseException:
@@ -186,12 +187,11 @@ def _warm_gpu_libraries(devices: set[torch.device], dtype: torch.dtype, head_dim
         threading.Thread(target=start, name="loadspec-gpu-warm-up").start()
 
 
-def _head_dim(folder: Path) -> int | None:
-    """The attention head size the artifact's config gives (None when it names none we know)."""
+def _head_dim(config: dict) -> int | None:
+    """The attention head size a config.json gives (None when it names none we know)."""
     try:
-        config = json.loads((folder / "config.json").read_text())
         return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+    except (KeyError, TypeError, ZeroDivisionError):
         return None
 
 
@@ -243,11 +243,12 @@ class _EmptyOnMeta(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _skeleton(folder: Path, plan: LoadPlan) -> nn.Module:
+def _skeleton(folder: Path, plan: LoadPlan, config_json: dict) -> nn.Module:
+    """The model `config_json` (the artifact's config.json) describes, its parameters on the meta device."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    config_dict = json.loads((folder / "config.json").read_text())
-    quant_config = config_dict.pop("quantization_config", None)
+    config_dict = {key: value for key, value in config_json.items() if key != "quantization_config"}
+    quant_config = config_json.get("quantization_config")
     try:
         config = arch.hf_config(config_dict)
     except (KeyError, ValueError) as exc:  # a model_type this transformers does not know
@@ -396,21 +397,16 @@ def _params4bit(weights: list[tuple[nn.Module, str]], stored: dict, method: str)
     import bitsandbytes as bnb
     from bitsandbytes.functional import QuantState
 
-    names = [name for _, name in weights]
-    metas = []
-    for name in names:
+    metas, nested = [], []
+    offsets: dict[torch.device, list] = {}
+    for _, name in weights:
         try:
             metas.append(json.loads(bytes(stored[f"{name}.quant_state.bitsandbytes__{method}"].numpy())))
-        except (KeyError, ValueError) as exc:
+            nested.append(f"{name}.nested_absmax" in stored)
+            if nested[-1]:
+                offsets.setdefault(stored[name].device, []).append(float(metas[-1]["nested_offset"]))
+        except (KeyError, TypeError, ValueError) as exc:
             raise _incomplete_state(name, exc) from None
-    nested = [f"{name}.nested_absmax" in stored for name in names]
-    offsets: dict[torch.device, list] = {}
-    for name, meta, has_nested in zip(names, metas, nested):
-        if has_nested:
-            try:
-                offsets.setdefault(stored[name].device, []).append(float(meta["nested_offset"]))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise _incomplete_state(name, exc) from None
     on_device = {device: iter(torch.tensor(values, device=device)) for device, values in offsets.items()}
     result = []
     for (module, name), meta, has_nested in zip(weights, metas, nested):
